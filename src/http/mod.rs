@@ -1,0 +1,160 @@
+//! The HTTP surface: routing and the tower layers (request id, logs, panics, CORS, compression,
+//! timeouts, body limits). Only this module knows JSON wire shapes and status codes.
+
+pub mod characters;
+pub mod extract;
+pub mod request_id;
+
+use crate::auth::Authenticator;
+use crate::characters::CharacterService;
+use crate::config::Config;
+use crate::error::ApiError;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+/// Shared state handed to every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub auth: Arc<Authenticator>,
+    pub characters: CharacterService,
+    /// Set once the server accepts requests; `/healthz` reports it.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The complete router with every layer.
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let api = Router::new()
+        .route(
+            "/api/characters",
+            get(characters::list).post(characters::create),
+        )
+        .route(
+            "/api/characters/{id}",
+            get(characters::get)
+                .put(characters::update)
+                .delete(characters::delete),
+        )
+        .route(
+            "/api/characters/{id}/avatar",
+            get(characters::get_avatar).put(characters::put_avatar),
+        )
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(state);
+
+    api.layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
+        .layer(RequestBodyLimitLayer::new(config.http.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            config.request_timeout(),
+        ))
+        .layer(CompressionLayer::new().gzip(true).br(true))
+        .layer(cors(&config))
+        .layer(CatchPanicLayer::custom(on_panic))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "unmatched".into());
+                    let id = req
+                        .headers()
+                        .get(request_id::HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        route = %route,
+                        request_id = %id,
+                        user = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: Duration, _span: &Span| {
+                    tracing::info!(
+                        status = res.status().as_u16(),
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "served"
+                    );
+                })
+                .on_failure(()),
+        )
+        .layer(middleware::from_fn(request_id::layer))
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let origins = &config.http.cors_origins;
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            HeaderName::from_static("authorization"),
+            HeaderName::from_static("content-type"),
+            HeaderName::from_static("accept"),
+            HeaderName::from_static("x-requested-with"),
+        ])
+        .expose_headers([HeaderName::from_static(request_id::HEADER)])
+        .max_age(Duration::from_secs(600))
+}
+
+fn on_panic(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = %what, "handler panicked");
+    ApiError::new(
+        crate::error::ErrorCode::InternalServerError,
+        "internal server error; the request id identifies it in the server log",
+    )
+    .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see the README for the API")
+}
+
+/// `GET /healthz`: 200 once the server takes requests.
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+    } else {
+        ApiError::new(crate::error::ErrorCode::ServiceUnavailable, "starting up").into_response()
+    }
+}

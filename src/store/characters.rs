@@ -1,0 +1,437 @@
+//! Character records, their index entries, avatars and the per-owner quota counter, always
+//! written together in one transaction.
+
+use super::summary::Summary;
+use super::{
+    decode_record, encode_record, Cached, Store, StoreError, AVATARS, BY_OWNER,
+    BY_OWNER_MODIFIED, CHARACTERS, OWNER_COUNTS, PUBLIC,
+};
+use crate::model::Character;
+use redb::{Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Which characters a listing covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The caller's own.
+    Own,
+    /// Everyone's public characters.
+    Public,
+    /// Own plus everyone's public.
+    All,
+}
+
+/// Listing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CharacterSort {
+    Name,
+    Created,
+    Modified,
+    Usage,
+}
+
+/// A listing request, already validated.
+#[derive(Debug, Clone)]
+pub struct CharacterQuery {
+    pub owner: String,
+    pub scope: Scope,
+    /// Lowercased search text.
+    pub search: Option<String>,
+    /// Lowercased tags that must all be present.
+    pub tags: Vec<String>,
+    pub sort: CharacterSort,
+    pub descending: bool,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// A stored avatar image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAvatar {
+    pub content_type: String,
+    pub etag: String,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredAvatar {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes.len() + 64);
+        out.push(1u8);
+        for s in [&self.content_type, &self.etag] {
+            out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::Corrupt("avatar record".into());
+        let mut pos = 1usize;
+        if b.first() != Some(&1) {
+            return Err(corrupt());
+        }
+        let mut strings = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let len = b.get(pos..pos + 2).ok_or_else(corrupt)?;
+            let n = u16::from_le_bytes([len[0], len[1]]) as usize;
+            let s = b.get(pos + 2..pos + 2 + n).ok_or_else(corrupt)?;
+            strings.push(String::from_utf8(s.to_vec()).map_err(|_| corrupt())?);
+            pos += 2 + n;
+        }
+        let etag = strings.pop().ok_or_else(corrupt)?;
+        let content_type = strings.pop().ok_or_else(corrupt)?;
+        Ok(Self {
+            content_type,
+            etag,
+            bytes: b.get(pos..).ok_or_else(corrupt)?.to_vec(),
+        })
+    }
+}
+
+/// What an update does to the stored avatar image.
+#[derive(Debug, Clone)]
+pub enum AvatarChange {
+    Keep,
+    Set(StoredAvatar),
+    Remove,
+}
+
+/// Parses a character id; anything that is not a UUID cannot exist.
+pub fn parse_id(id: &str) -> Option<u128> {
+    Uuid::parse_str(id).ok().map(|u| u.as_u128())
+}
+
+impl Store {
+    fn begin_durable_write(&self) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(txn)
+    }
+
+    /// A character by id, from the cache when possible.
+    pub fn get_character(&self, id: u128) -> Result<Option<Arc<Character>>, StoreError> {
+        if let Some(cached) = self.cache.get(&id) {
+            return Ok(match cached {
+                Cached::Live(c) => Some(c),
+                Cached::Gone => None,
+            });
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHARACTERS)?;
+        let Some(raw) = table.get(id)? else {
+            return Ok(None);
+        };
+        let loaded: Arc<Character> = Arc::new(decode_record(raw.value())?);
+        // Never replace a newer cached version (or a deletion) with this older snapshot.
+        let result = self.cache.entry(id).and_compute_with(|existing| {
+            use moka::ops::compute::Op;
+            match existing.map(|e| e.into_value()) {
+                Some(Cached::Gone) => Op::Nop,
+                Some(Cached::Live(c)) if c.version >= loaded.version => Op::Nop,
+                _ => Op::Put(Cached::Live(loaded.clone())),
+            }
+        });
+        drop(result);
+        Ok(Some(loaded))
+    }
+
+    /// Inserts a new character (and its avatar), enforcing the owner's quota in the same
+    /// transaction so concurrent creates cannot overshoot it.
+    pub fn create_character(
+        &self,
+        character: &Character,
+        avatar: Option<&StoredAvatar>,
+        quota: u64,
+    ) -> Result<(), StoreError> {
+        let id = parse_id(&character.id).ok_or_else(|| StoreError::Corrupt("bad id".into()))?;
+        let txn = self.begin_durable_write()?;
+        {
+            let mut counts = txn.open_table(OWNER_COUNTS)?;
+            let count = counts
+                .get(character.creator_id.as_str())?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if count >= quota {
+                return Err(StoreError::QuotaExceeded { limit: quota });
+            }
+            counts.insert(character.creator_id.as_str(), count + 1)?;
+            write_character(&txn, id, character, None)?;
+            if let Some(avatar) = avatar {
+                txn.open_table(AVATARS)?
+                    .insert(id, avatar.encode().as_slice())?;
+            }
+        }
+        txn.commit()?;
+        self.cache
+            .insert(id, Cached::Live(Arc::new(character.clone())));
+        Ok(())
+    }
+
+    /// Replaces a character if its stored version still equals `expected_version`.
+    pub fn update_character(
+        &self,
+        updated: &Character,
+        expected_version: u64,
+        avatar: AvatarChange,
+    ) -> Result<(), StoreError> {
+        let id = parse_id(&updated.id).ok_or_else(|| StoreError::NotFound(updated.id.clone()))?;
+        let txn = self.begin_durable_write()?;
+        {
+            let current: Character = {
+                let table = txn.open_table(CHARACTERS)?;
+                let raw = table
+                    .get(id)?
+                    .ok_or_else(|| StoreError::NotFound(updated.id.clone()))?;
+                decode_record(raw.value())?
+            };
+            if current.version != expected_version {
+                return Err(StoreError::VersionConflict {
+                    current: current.version,
+                });
+            }
+            write_character(&txn, id, updated, Some(&current))?;
+            let mut avatars = txn.open_table(AVATARS)?;
+            match avatar {
+                AvatarChange::Keep => {}
+                AvatarChange::Set(a) => {
+                    avatars.insert(id, a.encode().as_slice())?;
+                }
+                AvatarChange::Remove => {
+                    avatars.remove(id)?;
+                }
+            }
+        }
+        txn.commit()?;
+        self.cache.insert(id, Cached::Live(Arc::new(updated.clone())));
+        Ok(())
+    }
+
+    /// Deletes a character and everything stored for it, in one transaction.
+    pub fn delete_character(&self, id: u128) -> Result<(), StoreError> {
+        let txn = self.begin_durable_write()?;
+        {
+            let current: Character = {
+                let table = txn.open_table(CHARACTERS)?;
+                let raw = table
+                    .get(id)?
+                    .ok_or_else(|| StoreError::NotFound(Uuid::from_u128(id).to_string()))?;
+                decode_record(raw.value())?
+            };
+            remove_indexes(&txn, id, &current)?;
+            txn.open_table(CHARACTERS)?.remove(id)?;
+            txn.open_table(AVATARS)?.remove(id)?;
+            let mut counts = txn.open_table(OWNER_COUNTS)?;
+            let owner = current.creator_id.as_str();
+            let count = counts.get(owner)?.map(|v| v.value()).unwrap_or(0);
+            if count <= 1 {
+                counts.remove(owner)?;
+            } else {
+                counts.insert(owner, count - 1)?;
+            }
+            self.delete_dependents(&txn, id)?;
+        }
+        txn.commit()?;
+        self.cache.insert(id, Cached::Gone);
+        Ok(())
+    }
+
+    /// Removes data hanging off a character (conversations, messages, memory) inside the
+    /// deleting transaction. Tables that do not exist yet have nothing to remove.
+    fn delete_dependents(&self, _txn: &WriteTransaction, _id: u128) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The stored avatar image of a character.
+    pub fn get_avatar(&self, id: u128) -> Result<Option<StoredAvatar>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AVATARS)?;
+        match table.get(id)? {
+            Some(raw) => Ok(Some(StoredAvatar::decode(raw.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Number of characters a user owns.
+    pub fn owner_count(&self, owner: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let counts = txn.open_table(OWNER_COUNTS)?;
+        Ok(counts.get(owner)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// One page of characters and the total matching the query.
+    pub fn list_characters(
+        &self,
+        q: &CharacterQuery,
+    ) -> Result<(Vec<Arc<Character>>, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        // Fast path: the default order over one owner's characters is an index range scan.
+        if q.scope == Scope::Own
+            && q.search.is_none()
+            && q.tags.is_empty()
+            && q.sort == CharacterSort::Modified
+        {
+            let total = txn
+                .open_table(OWNER_COUNTS)?
+                .get(q.owner.as_str())?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let index = txn.open_table(BY_OWNER_MODIFIED)?;
+            let range = index.range((q.owner.as_str(), i64::MIN, 0u128)..=(q.owner.as_str(), i64::MAX, u128::MAX))?;
+            let mut ids = Vec::with_capacity(q.limit);
+            let iter: Box<dyn Iterator<Item = _>> = if q.descending {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+            for item in iter.skip(q.offset).take(q.limit) {
+                let (key, _) = item?;
+                ids.push(key.value().2);
+            }
+            drop(index);
+            let page = self.load_many(&txn, &ids)?;
+            return Ok((page, total));
+        }
+
+        let mut rows: Vec<Summary> = Vec::new();
+        let keep = |s: &Summary| {
+            q.search.as_deref().is_none_or(|n| s.matches_search(n)) && s.has_all_tags(&q.tags)
+        };
+        if matches!(q.scope, Scope::Own | Scope::All) {
+            let by_owner = txn.open_table(BY_OWNER)?;
+            for item in by_owner.range((q.owner.as_str(), 0u128)..=(q.owner.as_str(), u128::MAX))? {
+                let (_, v) = item?;
+                let s = Summary::decode(v.value())
+                    .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                if keep(&s) {
+                    rows.push(s);
+                }
+            }
+        }
+        if matches!(q.scope, Scope::Public | Scope::All) {
+            let public = txn.open_table(PUBLIC)?;
+            for item in public.iter()? {
+                let (_, v) = item?;
+                let s = Summary::decode(v.value())
+                    .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                // Own public characters were already collected above.
+                if q.scope == Scope::All && s.owner == q.owner {
+                    continue;
+                }
+                if keep(&s) {
+                    rows.push(s);
+                }
+            }
+        }
+        let total = rows.len() as u64;
+        sort_summaries(&mut rows, q.sort, q.descending);
+        let ids: Vec<u128> = rows
+            .iter()
+            .skip(q.offset)
+            .take(q.limit)
+            .map(|s| s.id)
+            .collect();
+        let page = self.load_many(&txn, &ids)?;
+        Ok((page, total))
+    }
+
+    /// Summaries of every character `user` may see (own plus public), for related-character
+    /// suggestions.
+    pub fn visible_summaries(&self, user: Option<&str>) -> Result<Vec<Summary>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut rows = Vec::new();
+        if let Some(owner) = user {
+            let by_owner = txn.open_table(BY_OWNER)?;
+            for item in by_owner.range((owner, 0u128)..=(owner, u128::MAX))? {
+                let (_, v) = item?;
+                rows.extend(Summary::decode(v.value()));
+            }
+        }
+        let public = txn.open_table(PUBLIC)?;
+        for item in public.iter()? {
+            let (_, v) = item?;
+            if let Some(s) = Summary::decode(v.value()) {
+                if Some(s.owner.as_str()) != user {
+                    rows.push(s);
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    fn load_many(
+        &self,
+        txn: &redb::ReadTransaction,
+        ids: &[u128],
+    ) -> Result<Vec<Arc<Character>>, StoreError> {
+        let table = txn.open_table(CHARACTERS)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(Cached::Live(c)) = self.cache.get(id) {
+                out.push(c);
+                continue;
+            }
+            if let Some(raw) = table.get(*id)? {
+                let c: Arc<Character> = Arc::new(decode_record(raw.value())?);
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn sort_summaries(rows: &mut [Summary], sort: CharacterSort, descending: bool) {
+    rows.sort_by(|a, b| {
+        let ord = match sort {
+            CharacterSort::Name => a.name.cmp(&b.name),
+            CharacterSort::Created => a.created_ms.cmp(&b.created_ms),
+            CharacterSort::Modified => a.updated_ms.cmp(&b.updated_ms),
+            CharacterSort::Usage => a.usage.cmp(&b.usage),
+        }
+        // The id breaks ties so pages never overlap or skip.
+        .then(a.id.cmp(&b.id));
+        if descending {
+            ord.reverse()
+        } else {
+            ord
+        }
+    });
+}
+
+/// Writes a character and its index rows, replacing the rows of `previous` when given.
+fn write_character(
+    txn: &WriteTransaction,
+    id: u128,
+    c: &Character,
+    previous: Option<&Character>,
+) -> Result<(), StoreError> {
+    if let Some(prev) = previous {
+        remove_indexes(txn, id, prev)?;
+    }
+    let summary = Summary::of(c, id).encode();
+    txn.open_table(CHARACTERS)?
+        .insert(id, encode_record(c)?.as_slice())?;
+    txn.open_table(BY_OWNER)?
+        .insert((c.creator_id.as_str(), id), summary.as_slice())?;
+    txn.open_table(BY_OWNER_MODIFIED)?.insert(
+        (c.creator_id.as_str(), crate::time::rfc3339_to_ms(&c.updated_at), id),
+        (),
+    )?;
+    if c.is_public {
+        txn.open_table(PUBLIC)?.insert(id, summary.as_slice())?;
+    }
+    Ok(())
+}
+
+fn remove_indexes(txn: &WriteTransaction, id: u128, c: &Character) -> Result<(), StoreError> {
+    txn.open_table(BY_OWNER)?
+        .remove((c.creator_id.as_str(), id))?;
+    txn.open_table(BY_OWNER_MODIFIED)?.remove((
+        c.creator_id.as_str(),
+        crate::time::rfc3339_to_ms(&c.updated_at),
+        id,
+    ))?;
+    txn.open_table(PUBLIC)?.remove(id)?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The only module that knows redb. One table per entity, values prefixed with a format
+//! version byte so the schema can migrate, index tables so listing one user's characters never
+//! deserializes the whole file, and a moka cache of characters in front.
+//!
+//! Every write commits with `Durability::Immediate` before the call returns, so an acknowledged
+//! write survives a crash.
+
+mod characters;
+mod summary;
+
+pub use characters::{parse_id, AvatarChange, CharacterQuery, CharacterSort, Scope, StoredAvatar};
+pub use summary::Summary;
+
+use crate::model::Character;
+use moka::sync::Cache;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The schema this build writes; older files are migrated on open, newer ones refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// id → versioned JSON of the Character.
+pub(crate) const CHARACTERS: TableDefinition<u128, &[u8]> = TableDefinition::new("characters");
+/// (owner, id) → Summary: the owner's characters in creation order (ids are UUID v7).
+pub(crate) const BY_OWNER: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("by_owner");
+/// (owner, updatedAt ms, id) → (): the default listing order without reading characters.
+pub(crate) const BY_OWNER_MODIFIED: TableDefinition<(&str, i64, u128), ()> =
+    TableDefinition::new("by_owner_modified");
+/// id → Summary for public characters.
+pub(crate) const PUBLIC: TableDefinition<u128, &[u8]> = TableDefinition::new("public");
+/// owner → number of characters (the quota counter).
+pub(crate) const OWNER_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("owner_counts");
+/// id → avatar (content type, etag, bytes).
+pub(crate) const AVATARS: TableDefinition<u128, &[u8]> = TableDefinition::new("avatars");
+
+/// Storage failures, converted into `ApiError` at the HTTP boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("version conflict: current version is {current}")]
+    VersionConflict { current: u64 },
+    #[error("quota of {limit} characters exceeded")]
+    QuotaExceeded { limit: u64 },
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("data file schema {found} is newer than this build ({supported}); upgrade taproom")]
+    SchemaTooNew { found: u32, supported: u32 },
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// A cached character, or the knowledge that it was deleted (so a slow reader holding an older
+/// snapshot cannot put it back into the cache).
+#[derive(Clone)]
+enum Cached {
+    Live(Arc<Character>),
+    Gone,
+}
+
+/// The embedded database plus its cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    /// Characters by id; written after every commit, so reads never see older data than the file.
+    cache: Cache<u128, Cached>,
+}
+
+impl Store {
+    /// Opens (or creates) the database file and checks its schema version.
+    pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let db = Database::create(path)?;
+        let store = Self {
+            db: Arc::new(db),
+            cache: Cache::builder().max_capacity(cache_capacity).build(),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta
+                .get("schema_version")?
+                .map(|v| {
+                    let b = v.value();
+                    u32::from_le_bytes([
+                        *b.first().unwrap_or(&0),
+                        *b.get(1).unwrap_or(&0),
+                        *b.get(2).unwrap_or(&0),
+                        *b.get(3).unwrap_or(&0),
+                    ])
+                });
+            if let Some(found) = found {
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())?;
+            // Create every table up front so read transactions never see a missing table.
+            txn.open_table(CHARACTERS)?;
+            txn.open_table(BY_OWNER)?;
+            txn.open_table(BY_OWNER_MODIFIED)?;
+            txn.open_table(PUBLIC)?;
+            txn.open_table(OWNER_COUNTS)?;
+            txn.open_table(AVATARS)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let v = meta
+            .get("schema_version")?
+            .map(|v| {
+                let b = v.value();
+                b.try_into().map(u32::from_le_bytes).unwrap_or(0)
+            })
+            .unwrap_or(0);
+        Ok(v)
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_size(&self, path: &Path) -> u64 {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Encodes a JSON record with its format version byte in front.
+pub(crate) fn encode_record<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![1u8];
+    serde_json::to_writer(&mut out, value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decodes a record written by `encode_record`.
+pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((1, rest)) => {
+            serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((v, _)) => Err(StoreError::Corrupt(format!("unknown record format {v}"))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
