@@ -71,12 +71,7 @@ fn normalize(response: Response) -> Response {
     let message = match code {
         ErrorCode::NotFound => "no such route; see /openapi.json for the API".to_string(),
         ErrorCode::MethodNotAllowed => {
-            let allow = response
-                .headers()
-                .get(http::header::ALLOW)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            format!("method not allowed on this route; allowed: {allow}")
+            "method not allowed on this route; the allow header lists the methods".to_string()
         }
         ErrorCode::PayloadTooLarge => "request body is larger than the configured limit".into(),
         ErrorCode::Timeout => "the request took longer than the configured timeout".into(),

@@ -1,0 +1,5 @@
+//! Test support: start the real `taproom` binary on 127.0.0.1 with a temp data dir, mint
+//! tokens, talk HTTP.
+#![allow(dead_code)]
+
+pub mod app;
