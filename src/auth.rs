@@ -118,14 +118,19 @@ impl Authenticator {
 
         let mut validation = Validation::new(algorithm);
         validation.leeway = cfg.leeway_secs;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self {
             algorithm,
             keys,
@@ -165,6 +170,7 @@ impl Authenticator {
                     ErrorKind::ImmatureSignature => "token is not valid yet (nbf)".to_string(),
                     ErrorKind::MissingRequiredClaim(c) => format!("token has no {c} claim"),
                     ErrorKind::InvalidAlgorithm => "token algorithm is not accepted".to_string(),
+                    ErrorKind::Json(e) => format!("token claims are invalid: {e}"),
                     _ => "malformed token".to_string(),
                 }
             })?;
@@ -192,8 +198,16 @@ impl Authenticator {
             iat: Some(now),
             role: admin.then(|| "admin".to_string()),
             name: None,
-            iss: self.validation.iss.as_ref().and_then(|s| s.iter().next().cloned()),
-            aud: self.validation.aud.as_ref().and_then(|s| s.iter().next().cloned()),
+            iss: self
+                .validation
+                .iss
+                .as_ref()
+                .and_then(|s| s.iter().next().cloned()),
+            aud: self
+                .validation
+                .aud
+                .as_ref()
+                .and_then(|s| s.iter().next().cloned()),
         };
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key).map_err(|e| e.to_string())
     }
@@ -288,7 +302,10 @@ mod tests {
         let err = hs("0123456789abcdef0123")
             .verify(&format!("{head}.{body}."))
             .unwrap_err();
-        assert!(err.contains("malformed") || err.contains("algorithm"), "{err}");
+        assert!(
+            err.contains("malformed") || err.contains("algorithm"),
+            "{err}"
+        );
     }
 
     #[test]

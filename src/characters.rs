@@ -7,7 +7,7 @@ use crate::config::LimitsConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{Character, PersonalityProfile};
 use crate::store::{
-    self, AvatarChange, CharacterQuery, Store, StoreError, StoredAvatar, Summary,
+    self, AvatarChange, CharacterQuery, RelatedCandidate, Store, StoreError, StoredAvatar,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -103,9 +103,9 @@ pub struct CharacterDetail {
 pub struct CharacterService {
     store: Store,
     limits: LimitsConfig,
-    /// Related-character suggestions per (character, version, caller): computing them scans the
-    /// caller's visible characters, so they are kept for a minute.
-    related: moka::sync::Cache<(u128, u64, Option<String>), Arc<Vec<u128>>>,
+    /// Related-character candidates per (character, version), kept for a minute: other
+    /// characters change without bumping this one's version, so the list may lag that long.
+    related: moka::sync::Cache<(u128, u64), Arc<Vec<RelatedCandidate>>>,
 }
 
 impl CharacterService {
@@ -141,7 +141,9 @@ impl CharacterService {
         let character = Character {
             id: id.to_string(),
             scenario: new.scenario.unwrap_or_else(|| personality.scenario.clone()),
-            first_mes: new.first_mes.unwrap_or_else(|| personality.first_mes.clone()),
+            first_mes: new
+                .first_mes
+                .unwrap_or_else(|| personality.first_mes.clone()),
             mes_example: new
                 .mes_example
                 .unwrap_or_else(|| personality.mes_example.clone()),
@@ -222,27 +224,28 @@ impl CharacterService {
         let Some(key) = store::parse_id(&c.id) else {
             return Ok(Vec::new());
         };
-        let cache_key = (key, c.version, user.map(|u| u.id.clone()));
-        let ids = match self.related.get(&cache_key) {
-            Some(ids) => ids,
+        let candidates = match self.related.get(&(key, c.version)) {
+            Some(found) => found,
             None => {
                 let store = self.store.clone();
-                let owner = user.map(|u| u.id.clone());
-                let me = Summary::of(c, key);
-                let ids = blocking(move || {
-                    let rows = store.visible_summaries(owner.as_deref())?;
-                    Ok(rank_related(&me, &rows, 5))
-                })
-                .await?;
-                let ids = Arc::new(ids);
-                self.related.insert(cache_key, ids.clone());
-                ids
+                let me = c.clone();
+                // A few spares so that filtering for the viewer still leaves five.
+                let found = Arc::new(blocking(move || store.related_candidates(&me, 20)).await?);
+                self.related.insert((key, c.version), found.clone());
+                found
             }
         };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids.iter() {
-            if let Some(r) = self.store.get_character(*id)? {
-                if can_view(&r, user) {
+        let mut out = Vec::with_capacity(5);
+        for cand in candidates.iter() {
+            if out.len() == 5 {
+                break;
+            }
+            let visible = cand.public || user.is_some_and(|u| u.admin || u.id == cand.owner);
+            if !visible {
+                continue;
+            }
+            if let Some(r) = self.store.get_character(cand.id)? {
+                if can_view(&r, user) && r.is_active {
                     out.push(r);
                 }
             }
@@ -284,7 +287,9 @@ impl CharacterService {
             next.scenario = next.personality.scenario.clone();
             next.first_mes = next.personality.first_mes.clone();
             next.mes_example = next.personality.mes_example.clone();
-            if !next.personality.name.trim().is_empty() && next.personality.name != current.personality.name {
+            if !next.personality.name.trim().is_empty()
+                && next.personality.name != current.personality.name
+            {
                 next.name = validate_name(&next.personality.name)?;
             }
         }
@@ -364,13 +369,19 @@ impl CharacterService {
     }
 
     /// The stored avatar image of a character the caller may view.
-    pub async fn get_avatar(&self, id: &str, user: Option<&User>) -> Result<StoredAvatar, ApiError> {
+    pub async fn get_avatar(
+        &self,
+        id: &str,
+        user: Option<&User>,
+    ) -> Result<StoredAvatar, ApiError> {
         self.get(id, user)?;
         let key = store::parse_id(id).ok_or_else(|| ApiError::character_not_found(id))?;
         let store = self.store.clone();
         blocking(move || store.get_avatar(key))
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("character {id} has no stored avatar image")))
+            .ok_or_else(|| {
+                ApiError::not_found(format!("character {id} has no stored avatar image"))
+            })
     }
 
     /// Turns a client avatar into the stored form: an external URL, or validated image bytes
@@ -529,7 +540,10 @@ fn decode_data_url(rest: &str) -> Result<Vec<u8>, ApiError> {
         .split_once(',')
         .ok_or_else(|| ApiError::validation("avatar", "data URL has no comma"))?;
     let mime = meta.split(';').next().unwrap_or("");
-    if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg" | "image/webp" | "image/gif") {
+    if !matches!(
+        mime,
+        "image/png" | "image/jpeg" | "image/jpg" | "image/webp" | "image/gif"
+    ) {
         return Err(ApiError::validation(
             "avatar",
             "data URL must be image/png, image/jpeg, image/webp or image/gif",
@@ -577,22 +591,6 @@ pub fn validate_image(bytes: &[u8], max: usize) -> Result<&'static str, ApiError
         .decode()
         .map_err(|e| ApiError::validation("avatar", format!("image does not decode: {e}")))?;
     Ok(content_type)
-}
-
-/// Ranks visible characters by relation to `me`: same group first, then shared tags.
-fn rank_related(me: &Summary, rows: &[Summary], n: usize) -> Vec<u128> {
-    let mut scored: Vec<(usize, i64, u128)> = rows
-        .iter()
-        .filter(|s| s.id != me.id && s.is_active)
-        .filter_map(|s| {
-            let group = usize::from(me.group_id.is_some() && s.group_id == me.group_id) * 1000;
-            let shared = s.tags.iter().filter(|t| me.tags.contains(t)).count();
-            let score = group + shared;
-            (score > 0).then_some((score, s.updated_ms, s.id))
-        })
-        .collect();
-    scored.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-    scored.into_iter().take(n).map(|(_, _, id)| id).collect()
 }
 
 #[cfg(test)]

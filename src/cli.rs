@@ -121,7 +121,10 @@ fn config_error(e: ConfigError) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("taproom: cannot start the runtime: {e}");
@@ -146,7 +149,10 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         tracing::info!(listen = %local, data_dir = %data_dir.display(), "taproom listening");
         match crate::server::run(listener, state, crate::server::shutdown_signal()).await {
             Ok(()) => {

@@ -267,6 +267,13 @@ mod tests {
     }
 
     #[test]
+    fn documented_file_equals_the_defaults() {
+        let text = include_str!("../config/taproom.toml");
+        let from_file = Config::from_toml(text).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[http]\nbody_limit = 3\n").unwrap_err();
         assert!(err.contains("body_limit"), "{err}");

@@ -228,10 +228,7 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(secs.max(1)),
-            );
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         if self.code == ErrorCode::Unauthenticated {
             headers.insert(

@@ -39,7 +39,10 @@ async fn create_returns_the_full_character() {
     assert_eq!(c["tags"], json!(["Fantasy", "Healer"]));
     assert_eq!(c["firstMes"], "Ah, you're awake at last.");
     assert_eq!(c["scenario"], "You woke in her glade");
-    assert_eq!(c["personality"]["systemPrompt"], "{{original}} Stay gentle.");
+    assert_eq!(
+        c["personality"]["systemPrompt"],
+        "{{original}} Stay gentle."
+    );
     // Unknown extension data is kept verbatim.
     assert_eq!(c["personality"]["extensions"]["talkativeness"], "0.5");
     assert_eq!(c["personality"]["extensions"]["depth_prompt"]["depth"], 4);
@@ -49,7 +52,10 @@ async fn create_returns_the_full_character() {
     );
     let id = c["id"].as_str().unwrap();
     assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
-    assert_eq!(c["uploadUrls"]["avatar"], format!("/api/characters/{id}/avatar"));
+    assert_eq!(
+        c["uploadUrls"]["avatar"],
+        format!("/api/characters/{id}/avatar")
+    );
     assert!(chrono::DateTime::parse_from_rfc3339(c["createdAt"].as_str().unwrap()).is_ok());
 }
 
@@ -61,13 +67,22 @@ async fn create_validates_every_field() {
         (json!({"name": "   "}), "name"),
         (json!({"name": "x".repeat(129)}), "name"),
         (json!({"name": 5}), "name"),
-        (json!({"name": "a", "description": "d".repeat(32 * 1024 + 1)}), "description"),
-        (json!({"name": "a", "tags": (0..33).map(|i| format!("t{i}")).collect::<Vec<_>>()}), "tags"),
+        (
+            json!({"name": "a", "description": "d".repeat(32 * 1024 + 1)}),
+            "description",
+        ),
+        (
+            json!({"name": "a", "tags": (0..33).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+            "tags",
+        ),
         (json!({"name": "a", "tags": ["x".repeat(65)]}), "tags"),
         (json!({"name": "a", "tags": "not-a-list"}), "tags"),
         (json!({"name": "a", "isPublic": "yes"}), "isPublic"),
         (json!({"name": "a", "avatar": "ftp://x"}), "avatar"),
-        (json!({"name": "a", "avatar": "data:image/png;base64,aGVsbG8="}), "avatar"),
+        (
+            json!({"name": "a", "avatar": "data:image/png;base64,aGVsbG8="}),
+            "avatar",
+        ),
         (json!({"name": "a", "bogus": 1}), "bogus"),
     ];
     for (body, field) in cases {
@@ -80,7 +95,12 @@ async fn create_validates_every_field() {
         );
     }
     // Nothing was stored.
-    let list: Value = s.get("/api/characters", Some(&t)).await.json().await.unwrap();
+    let list: Value = s
+        .get("/api/characters", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["total"], 0);
 }
 
@@ -98,7 +118,10 @@ async fn malformed_json_and_wrong_content_type() {
         .await
         .unwrap();
     let v = expect_error(r, 400, "VALIDATION_ERROR").await;
-    assert!(v["error"]["message"].as_str().unwrap().contains("malformed JSON"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("malformed JSON"));
     let r = s
         .client
         .post(s.url("/api/characters"))
@@ -136,11 +159,16 @@ async fn avatar_data_url_and_multipart_upload_are_served() {
         .await;
     let id = c["id"].as_str().unwrap().to_string();
     assert_eq!(c["avatar"], format!("/api/characters/{id}/avatar"));
-    let r = s.get(&format!("/api/characters/{id}/avatar"), Some(&t)).await;
+    let r = s
+        .get(&format!("/api/characters/{id}/avatar"), Some(&t))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/png");
     let etag = r.headers()["etag"].to_str().unwrap().to_string();
-    assert!(r.headers()["cache-control"].to_str().unwrap().contains("private"));
+    assert!(r.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("private"));
     assert_eq!(r.bytes().await.unwrap().to_vec(), png);
     // Conditional GET.
     let r = s
@@ -179,7 +207,10 @@ async fn avatar_data_url_and_multipart_upload_are_served() {
     // Public character avatars need no token.
     let r = s.get(&format!("/api/characters/{mid}/avatar"), None).await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["cache-control"].to_str().unwrap().contains("public"));
+    assert!(r.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("public"));
 
     // Raw PUT replaces the avatar and bumps the version; garbage is rejected.
     let r = s
@@ -216,7 +247,10 @@ async fn avatar_data_url_and_multipart_upload_are_served() {
     // A character without an uploaded image has no avatar to serve.
     let plain = s.create_character(&t, json!({"name": "Plain"})).await;
     let r = s
-        .get(&format!("/api/characters/{}/avatar", plain["id"].as_str().unwrap()), Some(&t))
+        .get(
+            &format!("/api/characters/{}/avatar", plain["id"].as_str().unwrap()),
+            Some(&t),
+        )
         .await;
     expect_error(r, 404, "NOT_FOUND").await;
 }
@@ -233,7 +267,10 @@ async fn oversized_avatar_is_413() {
     let png = std::fs::read(fixture("user-default.png")).unwrap();
     let r = s
         .client
-        .put(s.url(&format!("/api/characters/{}/avatar", c["id"].as_str().unwrap())))
+        .put(s.url(&format!(
+            "/api/characters/{}/avatar",
+            c["id"].as_str().unwrap()
+        )))
         .bearer_auth(&t)
         .body(png)
         .send()
@@ -251,7 +288,12 @@ async fn user_b_cannot_list_read_edit_or_delete_user_a_private_character() {
     let id = c["id"].as_str().unwrap();
     let path = format!("/api/characters/{id}");
 
-    let list: Value = s.get("/api/characters", Some(&b)).await.json().await.unwrap();
+    let list: Value = s
+        .get("/api/characters", Some(&b))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["total"], 0);
     let list: Value = s
         .get("/api/characters?scope=all", Some(&b))
@@ -263,12 +305,18 @@ async fn user_b_cannot_list_read_edit_or_delete_user_a_private_character() {
 
     expect_error(s.get(&path, Some(&b)).await, 403, "CHARACTER_ACCESS_DENIED").await;
     expect_error(
-        s.put_json(&path, Some(&b), &json!({"version": 1, "name": "Mine"})).await,
+        s.put_json(&path, Some(&b), &json!({"version": 1, "name": "Mine"}))
+            .await,
         403,
         "CHARACTER_ACCESS_DENIED",
     )
     .await;
-    expect_error(s.delete(&path, Some(&b)).await, 403, "CHARACTER_ACCESS_DENIED").await;
+    expect_error(
+        s.delete(&path, Some(&b)).await,
+        403,
+        "CHARACTER_ACCESS_DENIED",
+    )
+    .await;
     // Anonymous access to a private character is refused too.
     expect_error(s.get(&path, None).await, 403, "CHARACTER_ACCESS_DENIED").await;
 
@@ -283,7 +331,11 @@ async fn user_b_cannot_list_read_edit_or_delete_user_a_private_character() {
     let v: Value = s.get(&path, Some(&admin)).await.json().await.unwrap();
     assert_eq!(v["permissions"]["canDelete"], true);
     let r = s
-        .put_json(&path, Some(&admin), &json!({"version": 1, "description": "moderated"}))
+        .put_json(
+            &path,
+            Some(&admin),
+            &json!({"version": 1, "description": "moderated"}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let r = s.delete(&path, Some(&admin)).await;
@@ -304,7 +356,12 @@ async fn public_characters_are_readable_by_anyone() {
     assert_eq!(v["permissions"]["canView"], true);
     assert_eq!(v["permissions"]["canEdit"], false);
     assert_eq!(v["permissions"]["canInteract"], false);
-    let v: Value = s.get(&path, Some(&token("bob"))).await.json().await.unwrap();
+    let v: Value = s
+        .get(&path, Some(&token("bob")))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["permissions"]["canInteract"], true);
     assert_eq!(v["permissions"]["canEdit"], false);
     // Public listings show it to others; own listing of bob does not.
@@ -315,7 +372,12 @@ async fn public_characters_are_readable_by_anyone() {
         .await
         .unwrap();
     assert_eq!(list["total"], 1);
-    let list: Value = s.get("/api/characters", Some(&token("bob"))).await.json().await.unwrap();
+    let list: Value = s
+        .get("/api/characters", Some(&token("bob")))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["total"], 0);
     // Listing itself needs a token.
     expect_error(s.get("/api/characters", None).await, 401, "UNAUTHENTICATED").await;
@@ -362,17 +424,28 @@ async fn detail_has_statistics_permissions_and_related_characters() {
     )
     .await;
     // Other users' private characters are never suggested.
-    s.create_character(&token("bob"), json!({"name": "Hidden", "tags": ["elf", "mage"]}))
-        .await;
+    s.create_character(
+        &token("bob"),
+        json!({"name": "Hidden", "tags": ["elf", "mage"]}),
+    )
+    .await;
 
     let v: Value = s
-        .get(&format!("/api/characters/{}", main["id"].as_str().unwrap()), Some(&t))
+        .get(
+            &format!("/api/characters/{}", main["id"].as_str().unwrap()),
+            Some(&t),
+        )
         .await
         .json()
         .await
         .unwrap();
     let stats = &v["statistics"];
-    for k in ["conversationCount", "messageCount", "memoryCount", "usageCount"] {
+    for k in [
+        "conversationCount",
+        "messageCount",
+        "memoryCount",
+        "usageCount",
+    ] {
         assert_eq!(stats[k], 0, "{k}");
     }
     let names: Vec<&str> = v["relatedCharacters"]
@@ -416,14 +489,18 @@ async fn update_is_partial_versioned_and_owner_only() {
     assert_eq!(v["description"], "Guardian of the forest of Eldoria");
     assert_eq!(v["personality"]["postHistoryInstructions"], "Be brief");
     // Untouched profile fields stay.
-    assert_eq!(v["personality"]["systemPrompt"], "{{original}} Stay gentle.");
+    assert_eq!(
+        v["personality"]["systemPrompt"],
+        "{{original}} Stay gentle."
+    );
     assert_eq!(v["personality"]["extensions"]["talkativeness"], "0.5");
     assert_ne!(v["updatedAt"], c["updatedAt"]);
     assert_eq!(v["createdAt"], c["createdAt"]);
 
     // A stale version gets 409 with the current version.
     let v = expect_error(
-        s.put_json(&path, Some(&t), &json!({"version": 1, "name": "Old"})).await,
+        s.put_json(&path, Some(&t), &json!({"version": 1, "name": "Old"}))
+            .await,
         409,
         "VERSION_CONFLICT",
     )
@@ -431,7 +508,8 @@ async fn update_is_partial_versioned_and_owner_only() {
     assert_eq!(v["error"]["details"]["currentVersion"], 2);
     // Bad field values are named.
     let v = expect_error(
-        s.put_json(&path, Some(&t), &json!({"version": 2, "isPublic": 3})).await,
+        s.put_json(&path, Some(&t), &json!({"version": 2, "isPublic": 3}))
+            .await,
         400,
         "VALIDATION_ERROR",
     )
@@ -473,8 +551,16 @@ async fn concurrent_puts_with_the_same_version_exactly_one_wins() {
         for task in tasks {
             statuses.push(task.await.unwrap());
         }
-        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
-        assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 7, "{statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 409).count(),
+            7,
+            "{statuses:?}"
+        );
         let v: Value = s.get(&path, Some(&t)).await.json().await.unwrap();
         assert_eq!(v["version"], 2);
     }
@@ -503,7 +589,8 @@ async fn delete_removes_the_character_and_its_avatar() {
     )
     .await;
     expect_error(
-        s.get(&format!("/api/characters/{id}/avatar"), Some(&t)).await,
+        s.get(&format!("/api/characters/{id}/avatar"), Some(&t))
+            .await,
         404,
         "CHARACTER_NOT_FOUND",
     )
@@ -514,7 +601,12 @@ async fn delete_removes_the_character_and_its_avatar() {
         "CHARACTER_NOT_FOUND",
     )
     .await;
-    let list: Value = s.get("/api/characters", Some(&t)).await.json().await.unwrap();
+    let list: Value = s
+        .get("/api/characters", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["total"], 0);
 }
 
@@ -528,11 +620,19 @@ async fn quota_is_enforced_per_user() {
     let t = token("alice");
     s.create_character(&t, json!({"name": "One"})).await;
     s.create_character(&t, json!({"name": "Two"})).await;
-    let r = s.post_json("/api/characters", Some(&t), &json!({"name": "Three"})).await;
+    let r = s
+        .post_json("/api/characters", Some(&t), &json!({"name": "Three"}))
+        .await;
     expect_error(r, 403, "CHARACTER_QUOTA_EXCEEDED").await;
     // Other users have their own quota; deleting frees a slot.
-    s.create_character(&token("bob"), json!({"name": "Bob's"})).await;
-    let list: Value = s.get("/api/characters", Some(&t)).await.json().await.unwrap();
+    s.create_character(&token("bob"), json!({"name": "Bob's"}))
+        .await;
+    let list: Value = s
+        .get("/api/characters", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     let id = list["characters"][0]["id"].as_str().unwrap();
     s.delete(&format!("/api/characters/{id}"), Some(&t)).await;
     s.create_character(&t, json!({"name": "Three"})).await;
@@ -566,14 +666,26 @@ async fn all_pages(s: &TestServer, t: &str, query: &str, limit: usize) -> (Vec<S
 async fn pages_concatenate_to_the_full_sorted_list() {
     let s = TestServer::start().await;
     let t = token("alice");
-    let names = ["delta", "Alpha", "charlie", "Bravo", "echo", "foxtrot", "golf"];
+    let names = [
+        "delta", "Alpha", "charlie", "Bravo", "echo", "foxtrot", "golf",
+    ];
     for (i, n) in names.iter().enumerate() {
-        let tags = if i % 2 == 0 { json!(["even", "x"]) } else { json!(["odd"]) };
-        s.create_character(&t, json!({"name": n, "tags": tags, "description": format!("number {i}")}))
-            .await;
-    }
-    s.create_character(&token("bob"), json!({"name": "bob-public", "isPublic": true}))
+        let tags = if i % 2 == 0 {
+            json!(["even", "x"])
+        } else {
+            json!(["odd"])
+        };
+        s.create_character(
+            &t,
+            json!({"name": n, "tags": tags, "description": format!("number {i}")}),
+        )
         .await;
+    }
+    s.create_character(
+        &token("bob"),
+        json!({"name": "bob-public", "isPublic": true}),
+    )
+    .await;
 
     // Default: modified desc = reverse creation order here.
     let (got, total) = all_pages(&s, &t, "", 3).await;
@@ -605,7 +717,10 @@ async fn pages_concatenate_to_the_full_sorted_list() {
     assert!(got.contains(&"bob-public".to_string()));
 
     let v: Value = s
-        .get("/api/characters?limit=2&sort=usage&order=asc&tags=odd&search=b", Some(&t))
+        .get(
+            "/api/characters?limit=2&sort=usage&order=asc&tags=odd&search=b",
+            Some(&t),
+        )
         .await
         .json()
         .await
@@ -661,6 +776,11 @@ async fn data_survives_a_restart() {
     assert_eq!(v["name"], "Renamed");
     assert_eq!(v["version"], 2);
     assert_eq!(v["personality"]["extensions"]["talkativeness"], "0.5");
-    let list: Value = s.get("/api/characters", Some(&t)).await.json().await.unwrap();
+    let list: Value = s
+        .get("/api/characters", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["total"], 1);
 }

@@ -59,9 +59,10 @@ async fn oversized_body_is_413_and_stores_nothing() {
     let r = s.post_json("/api/characters", Some(&t), &big).await;
     expect_error(r, 413, "PAYLOAD_TOO_LARGE").await;
     // Chunked (no content-length) bodies are limited as well.
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(vec![
-        Ok::<_, std::io::Error>(serde_json::to_vec(&big).unwrap()),
-    ]));
+    let body =
+        reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+            serde_json::to_vec(&big).unwrap(),
+        )]));
     let r = s
         .client
         .post(s.url("/api/characters"))
@@ -72,7 +73,12 @@ async fn oversized_body_is_413_and_stores_nothing() {
         .await
         .unwrap();
     expect_error(r, 413, "PAYLOAD_TOO_LARGE").await;
-    let v: Value = s.get("/api/characters", Some(&t)).await.json().await.unwrap();
+    let v: Value = s
+        .get("/api/characters", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["total"], 0);
 }
 
@@ -88,7 +94,10 @@ async fn cors_preflight_is_204_with_explicit_headers() {
         .request(reqwest::Method::OPTIONS, s.url("/api/characters"))
         .header("origin", "http://tauri.localhost")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization, content-type")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
         .send()
         .await
         .unwrap();
@@ -97,8 +106,15 @@ async fn cors_preflight_is_204_with_explicit_headers() {
         r.headers()["access-control-allow-origin"],
         "http://tauri.localhost"
     );
-    let allow = r.headers()["access-control-allow-headers"].to_str().unwrap();
-    for h in ["authorization", "content-type", "accept", "x-requested-with"] {
+    let allow = r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
+    for h in [
+        "authorization",
+        "content-type",
+        "accept",
+        "x-requested-with",
+    ] {
         assert!(allow.contains(h), "{allow}");
     }
     // A foreign origin gets no allow-origin.
@@ -118,8 +134,11 @@ async fn json_responses_are_compressed_when_asked() {
     let s = TestServer::start().await;
     let t = token("alice");
     for i in 0..20 {
-        s.create_character(&t, json!({"name": format!("C{i}"), "description": "words ".repeat(50)}))
-            .await;
+        s.create_character(
+            &t,
+            json!({"name": format!("C{i}"), "description": "words ".repeat(50)}),
+        )
+        .await;
     }
     for enc in ["gzip", "br"] {
         let r = s
@@ -147,7 +166,10 @@ async fn startup_logs_listen_address_and_data_dir() {
     let s = TestServer::start().await;
     let logs = s.logs();
     assert!(logs.contains("listen=127.0.0.1:"), "{logs}");
-    assert!(logs.contains(&format!("data_dir={}", s.data_dir.display())), "{logs}");
+    assert!(
+        logs.contains(&format!("data_dir={}", s.data_dir.display())),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -155,7 +177,10 @@ fn bad_config_exits_with_code_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[http]\nbody_limt = 5\n", "body_limt"),
-        ("[limits]\nmax_characters_per_user = \"lots\"\n", "max_characters_per_user"),
+        (
+            "[limits]\nmax_characters_per_user = \"lots\"\n",
+            "max_characters_per_user",
+        ),
         ("[auth]\nalgorithm = \"RS256\"\n", "auth.public_key_file"),
     ];
     for (text, key) in cases {
@@ -204,7 +229,15 @@ async fn token_command_and_generated_secret_work_together() {
         0o600
     );
     let out = Command::new(bin())
-        .args(["token", "--sub", "carol", "--admin", "--ttl", "1h", "--data-dir"])
+        .args([
+            "token",
+            "--sub",
+            "carol",
+            "--admin",
+            "--ttl",
+            "1h",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env_remove("TAPROOM_JWT_SECRET")
         .output()
@@ -222,5 +255,10 @@ async fn token_command_and_generated_secret_work_together() {
         .output()
         .unwrap();
     let foreign = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    expect_error(s.get("/api/characters", Some(&foreign)).await, 401, "UNAUTHENTICATED").await;
+    expect_error(
+        s.get("/api/characters", Some(&foreign)).await,
+        401,
+        "UNAUTHENTICATED",
+    )
+    .await;
 }

@@ -99,7 +99,9 @@ impl CreateRequest {
 fn to_object(c: &Character) -> Result<Map<String, Value>, ApiError> {
     match serde_json::to_value(c).map_err(ApiError::internal)? {
         Value::Object(map) => Ok(map),
-        _ => Err(ApiError::internal("character did not serialize to an object")),
+        _ => Err(ApiError::internal(
+            "character did not serialize to an object",
+        )),
     }
 }
 
@@ -137,7 +139,9 @@ pub async fn create(
             }
         }
         character
-            .ok_or_else(|| ApiError::validation("character", "multipart body needs a `character` JSON part"))?
+            .ok_or_else(|| {
+                ApiError::validation("character", "multipart body needs a `character` JSON part")
+            })?
             .into_new(avatar)
     } else if extract::is_json(req.headers()) {
         let JsonBody(body) = JsonBody::<CreateRequest>::from_request(req, &state).await?;
@@ -175,7 +179,9 @@ pub async fn list(
     Auth(user): Auth,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    const KNOWN: [&str; 7] = ["limit", "offset", "search", "tags", "sort", "order", "scope"];
+    const KNOWN: [&str; 7] = [
+        "limit", "offset", "search", "tags", "sort", "order", "scope",
+    ];
     if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::validation(
             unknown,
@@ -355,7 +361,9 @@ pub async fn put_avatar(
                 break;
             }
         }
-        found.ok_or_else(|| ApiError::validation("avatar", "multipart body needs an `avatar` part"))?
+        found.ok_or_else(|| {
+            ApiError::validation("avatar", "multipart body needs an `avatar` part")
+        })?
     } else {
         extract::body_bytes(req, &state).await?.to_vec()
     };

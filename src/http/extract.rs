@@ -67,7 +67,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             let path = err.path().to_string();
             let inner = err.into_inner();
             if inner.is_syntax() || inner.is_eof() {
-                Err(ApiError::validation("body", format!("malformed JSON: {inner}")))
+                Err(ApiError::validation(
+                    "body",
+                    format!("malformed JSON: {inner}"),
+                ))
             } else if path.is_empty() || path == "." {
                 Err(ApiError::validation("body", inner.to_string()))
             } else {

@@ -57,7 +57,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(state);
+    with_layers(api, &config)
+}
 
+/// Wraps routes in every tower layer, outermost last.
+pub fn with_layers(api: Router, config: &Config) -> Router {
     api.layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(config.http.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -65,7 +69,7 @@ pub fn router(state: AppState) -> Router {
             config.request_timeout(),
         ))
         .layer(CompressionLayer::new().gzip(true).br(true))
-        .layer(cors(&config))
+        .layer(cors(config))
         .layer(CatchPanicLayer::custom(on_panic))
         .layer(
             TraceLayer::new_for_http()
@@ -153,8 +157,67 @@ async fn not_found() -> ApiError {
 /// `GET /healthz`: 200 once the server takes requests.
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        )
+            .into_response()
     } else {
         ApiError::new(crate::error::ErrorCode::ServiceUnavailable, "starting up").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_a_500_envelope() {
+        async fn boom() -> &'static str {
+            panic!("kaboom")
+        }
+        let app = with_layers(Router::new().route("/boom", get(boom)), &Config::default());
+        let res = app
+            .oneshot(
+                Request::builder()
+                    .uri("/boom")
+                    .header("x-request-id", "panic-1")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(res.headers()["x-request-id"], "panic-1");
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "INTERNAL_SERVER_ERROR");
+        assert_eq!(v["error"]["requestId"], "panic-1");
+        assert!(!v["error"]["message"].as_str().unwrap().contains("kaboom"));
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_times_out_with_an_envelope() {
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "late"
+        }
+        let mut config = Config::default();
+        config.http.request_timeout_ms = 50;
+        let app = with_layers(Router::new().route("/slow", get(slow)), &config);
+        let res = app
+            .oneshot(Request::builder().uri("/slow").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "TIMEOUT");
     }
 }

@@ -3,8 +3,8 @@
 
 use super::summary::Summary;
 use super::{
-    decode_record, encode_record, Cached, Store, StoreError, AVATARS, BY_OWNER,
-    BY_OWNER_MODIFIED, CHARACTERS, OWNER_COUNTS, PUBLIC,
+    decode_record, encode_record, Cached, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
+    BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC,
 };
 use crate::model::Character;
 use redb::{Durability, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -98,6 +98,27 @@ pub enum AvatarChange {
     Remove,
 }
 
+/// A related-character candidate.
+#[derive(Debug, Clone)]
+pub struct RelatedCandidate {
+    pub id: u128,
+    pub owner: String,
+    pub public: bool,
+    pub score: u32,
+}
+
+fn encode_posting(c: &Character) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.creator_id.len() + 1);
+    out.push(u8::from(c.is_public && c.is_active));
+    out.extend_from_slice(c.creator_id.as_bytes());
+    out
+}
+
+fn decode_posting(raw: &[u8]) -> Option<(String, bool)> {
+    let (flag, owner) = raw.split_first()?;
+    Some((String::from_utf8(owner.to_vec()).ok()?, *flag == 1))
+}
+
 /// Parses a character id; anything that is not a UUID cannot exist.
 pub fn parse_id(id: &str) -> Option<u128> {
     Uuid::parse_str(id).ok().map(|u| u.as_u128())
@@ -169,6 +190,27 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts many new characters in one transaction (bulk import and benchmarks seeding);
+    /// the quota is not applied.
+    pub fn create_many(&self, characters: &[Character]) -> Result<(), StoreError> {
+        let txn = self.begin_durable_write()?;
+        {
+            let mut per_owner: std::collections::HashMap<&str, u64> = Default::default();
+            for c in characters {
+                let id = parse_id(&c.id).ok_or_else(|| StoreError::Corrupt("bad id".into()))?;
+                write_character(&txn, id, c, None)?;
+                *per_owner.entry(c.creator_id.as_str()).or_default() += 1;
+            }
+            let mut counts = txn.open_table(OWNER_COUNTS)?;
+            for (owner, n) in per_owner {
+                let count = counts.get(owner)?.map(|v| v.value()).unwrap_or(0);
+                counts.insert(owner, count + n)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Replaces a character if its stored version still equals `expected_version`.
     pub fn update_character(
         &self,
@@ -204,7 +246,8 @@ impl Store {
             }
         }
         txn.commit()?;
-        self.cache.insert(id, Cached::Live(Arc::new(updated.clone())));
+        self.cache
+            .insert(id, Cached::Live(Arc::new(updated.clone())));
         Ok(())
     }
 
@@ -278,7 +321,9 @@ impl Store {
                 .map(|v| v.value())
                 .unwrap_or(0);
             let index = txn.open_table(BY_OWNER_MODIFIED)?;
-            let range = index.range((q.owner.as_str(), i64::MIN, 0u128)..=(q.owner.as_str(), i64::MAX, u128::MAX))?;
+            let range = index.range(
+                (q.owner.as_str(), i64::MIN, 0u128)..=(q.owner.as_str(), i64::MAX, u128::MAX),
+            )?;
             let mut ids = Vec::with_capacity(q.limit);
             let iter: Box<dyn Iterator<Item = _>> = if q.descending {
                 Box::new(range.rev())
@@ -298,10 +343,22 @@ impl Store {
         let keep = |s: &Summary| {
             q.search.as_deref().is_none_or(|n| s.matches_search(n)) && s.has_all_tags(&q.tags)
         };
+        // Every searched field is stored lowercased in the summary bytes, so a record whose
+        // bytes lack the needle (or a wanted tag) cannot match: skip it without decoding.
+        let needles: Vec<memchr::memmem::Finder> = q
+            .search
+            .iter()
+            .chain(q.tags.iter())
+            .map(|n| memchr::memmem::Finder::new(n.as_bytes()))
+            .collect();
+        let may_match = |raw: &[u8]| needles.iter().all(|f| f.find(raw).is_some());
         if matches!(q.scope, Scope::Own | Scope::All) {
             let by_owner = txn.open_table(BY_OWNER)?;
             for item in by_owner.range((q.owner.as_str(), 0u128)..=(q.owner.as_str(), u128::MAX))? {
                 let (_, v) = item?;
+                if !may_match(v.value()) {
+                    continue;
+                }
                 let s = Summary::decode(v.value())
                     .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 if keep(&s) {
@@ -313,6 +370,9 @@ impl Store {
             let public = txn.open_table(PUBLIC)?;
             for item in public.iter()? {
                 let (_, v) = item?;
+                if !may_match(v.value()) {
+                    continue;
+                }
                 let s = Summary::decode(v.value())
                     .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 // Own public characters were already collected above.
@@ -336,28 +396,65 @@ impl Store {
         Ok((page, total))
     }
 
-    /// Summaries of every character `user` may see (own plus public), for related-character
-    /// suggestions.
-    pub fn visible_summaries(&self, user: Option<&str>) -> Result<Vec<Summary>, StoreError> {
+    /// Characters related to `c` that its owner's audience may see (same owner or public):
+    /// same group first, then most shared tags. Each returned entry says who owns it and
+    /// whether it is public so callers can filter for their own viewer.
+    pub fn related_candidates(
+        &self,
+        c: &Character,
+        limit: usize,
+    ) -> Result<Vec<RelatedCandidate>, StoreError> {
+        // Postings per tag are capped so a very common tag cannot make this a full scan.
+        const PER_KEY: usize = 300;
+        let me = parse_id(&c.id).unwrap_or(0);
         let txn = self.db.begin_read()?;
-        let mut rows = Vec::new();
-        if let Some(owner) = user {
-            let by_owner = txn.open_table(BY_OWNER)?;
-            for item in by_owner.range((owner, 0u128)..=(owner, u128::MAX))? {
-                let (_, v) = item?;
-                rows.extend(Summary::decode(v.value()));
+        let mut scores: std::collections::HashMap<u128, RelatedCandidate> = Default::default();
+        let mut visit = |id: u128, raw: &[u8], weight: u32| {
+            if id == me {
+                return;
             }
-        }
-        let public = txn.open_table(PUBLIC)?;
-        for item in public.iter()? {
-            let (_, v) = item?;
-            if let Some(s) = Summary::decode(v.value()) {
-                if Some(s.owner.as_str()) != user {
-                    rows.push(s);
+            if let Some((owner, public)) = decode_posting(raw) {
+                if public || owner == c.creator_id {
+                    scores
+                        .entry(id)
+                        .or_insert(RelatedCandidate {
+                            id,
+                            owner,
+                            public,
+                            score: 0,
+                        })
+                        .score += weight;
                 }
             }
+        };
+        if let Some(group) = &c.group_id {
+            let table = txn.open_table(BY_GROUP)?;
+            for item in table
+                .range((group.as_str(), 0u128)..=(group.as_str(), u128::MAX))?
+                .rev()
+                .take(PER_KEY)
+            {
+                let (k, v) = item?;
+                visit(k.value().1, v.value(), 1000);
+            }
         }
-        Ok(rows)
+        let table = txn.open_table(BY_TAG)?;
+        for tag in &c.tags {
+            let tag = tag.to_lowercase();
+            for item in table
+                .range((tag.as_str(), 0u128)..=(tag.as_str(), u128::MAX))?
+                .rev()
+                .take(PER_KEY)
+            {
+                let (k, v) = item?;
+                visit(k.value().1, v.value(), 1);
+            }
+        }
+        let mut out: Vec<RelatedCandidate> = scores.into_values().collect();
+        // Newer ids (UUID v7) win ties.
+        out.sort_by(|a, b| b.score.cmp(&a.score).then(b.id.cmp(&a.id)));
+        out.truncate(limit);
+        Ok(out)
     }
 
     fn load_many(
@@ -415,11 +512,24 @@ fn write_character(
     txn.open_table(BY_OWNER)?
         .insert((c.creator_id.as_str(), id), summary.as_slice())?;
     txn.open_table(BY_OWNER_MODIFIED)?.insert(
-        (c.creator_id.as_str(), crate::time::rfc3339_to_ms(&c.updated_at), id),
+        (
+            c.creator_id.as_str(),
+            crate::time::rfc3339_to_ms(&c.updated_at),
+            id,
+        ),
         (),
     )?;
     if c.is_public {
         txn.open_table(PUBLIC)?.insert(id, summary.as_slice())?;
+    }
+    let posting = encode_posting(c);
+    let mut tags = txn.open_table(BY_TAG)?;
+    for tag in &c.tags {
+        tags.insert((tag.to_lowercase().as_str(), id), posting.as_slice())?;
+    }
+    if let Some(group) = &c.group_id {
+        txn.open_table(BY_GROUP)?
+            .insert((group.as_str(), id), posting.as_slice())?;
     }
     Ok(())
 }
@@ -433,5 +543,12 @@ fn remove_indexes(txn: &WriteTransaction, id: u128, c: &Character) -> Result<(),
         id,
     ))?;
     txn.open_table(PUBLIC)?.remove(id)?;
+    let mut tags = txn.open_table(BY_TAG)?;
+    for tag in &c.tags {
+        tags.remove((tag.to_lowercase().as_str(), id))?;
+    }
+    if let Some(group) = &c.group_id {
+        txn.open_table(BY_GROUP)?.remove((group.as_str(), id))?;
+    }
     Ok(())
 }

@@ -8,7 +8,9 @@
 mod characters;
 mod summary;
 
-pub use characters::{parse_id, AvatarChange, CharacterQuery, CharacterSort, Scope, StoredAvatar};
+pub use characters::{
+    parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
+};
 pub use summary::Summary;
 
 use crate::model::Character;
@@ -32,6 +34,10 @@ pub(crate) const BY_OWNER_MODIFIED: TableDefinition<(&str, i64, u128), ()> =
 pub(crate) const PUBLIC: TableDefinition<u128, &[u8]> = TableDefinition::new("public");
 /// owner → number of characters (the quota counter).
 pub(crate) const OWNER_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("owner_counts");
+/// (lowercased tag, id) → (owner, public flag): candidates for related characters.
+pub(crate) const BY_TAG: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("by_tag");
+/// (group id, id) → (owner, public flag).
+pub(crate) const BY_GROUP: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("by_group");
 /// id → avatar (content type, etag, bytes).
 pub(crate) const AVATARS: TableDefinition<u128, &[u8]> = TableDefinition::new("avatars");
 
@@ -92,8 +98,9 @@ impl Store {
     /// Opens (or creates) the database file and checks its schema version.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Corrupt(format!("cannot create {}: {e}", parent.display()))
+            })?;
         }
         let db = Database::create(path)?;
         let store = Self {
@@ -108,17 +115,15 @@ impl Store {
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            let found = meta
-                .get("schema_version")?
-                .map(|v| {
-                    let b = v.value();
-                    u32::from_le_bytes([
-                        *b.first().unwrap_or(&0),
-                        *b.get(1).unwrap_or(&0),
-                        *b.get(2).unwrap_or(&0),
-                        *b.get(3).unwrap_or(&0),
-                    ])
-                });
+            let found = meta.get("schema_version")?.map(|v| {
+                let b = v.value();
+                u32::from_le_bytes([
+                    *b.first().unwrap_or(&0),
+                    *b.get(1).unwrap_or(&0),
+                    *b.get(2).unwrap_or(&0),
+                    *b.get(3).unwrap_or(&0),
+                ])
+            });
             if let Some(found) = found {
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::SchemaTooNew {
@@ -135,6 +140,8 @@ impl Store {
             txn.open_table(PUBLIC)?;
             txn.open_table(OWNER_COUNTS)?;
             txn.open_table(AVATARS)?;
+            txn.open_table(BY_TAG)?;
+            txn.open_table(BY_GROUP)?;
         }
         txn.commit()?;
         Ok(())

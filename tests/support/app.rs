@@ -169,7 +169,12 @@ impl TestServer {
     }
 
     /// POST JSON.
-    pub async fn post_json(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
         let mut r = self.client.post(self.url(path)).json(body);
         if let Some(t) = token {
             r = r.bearer_auth(t);
@@ -178,7 +183,12 @@ impl TestServer {
     }
 
     /// PUT JSON.
-    pub async fn put_json(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+    pub async fn put_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
         let mut r = self.client.put(self.url(path)).json(body);
         if let Some(t) = token {
             r = r.bearer_auth(t);
@@ -273,10 +283,17 @@ pub async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Valu
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     let e = &v["error"];
     assert_eq!(e["code"], code, "body: {text}");
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{text}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
     assert!(e["timestamp"].as_str().is_some(), "{text}");
     let rid = e["requestId"].as_str().expect("requestId");
     assert!(!rid.is_empty());
-    assert_eq!(Some(rid.to_string()), header_id, "requestId must match x-request-id");
+    assert_eq!(
+        Some(rid.to_string()),
+        header_id,
+        "requestId must match x-request-id"
+    );
     v
 }
