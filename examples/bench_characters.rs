@@ -61,7 +61,7 @@ fn character(i: usize, owner: &str, seed: &mut u64) -> Character {
     let name = format!("{} {}", words(seed, 2), i);
     // One in a hundred descriptions mentions the search term.
     let mut description = words(seed, 60);
-    if i % 100 == 0 {
+    if i.is_multiple_of(100) {
         description.push_str(" lighthouse");
     }
     Character {
@@ -83,7 +83,7 @@ fn character(i: usize, owner: &str, seed: &mut u64) -> Character {
         avatar: None,
         voice: None,
         tags: vec![words(seed, 1), words(seed, 1)],
-        is_public: i % 10 == 0,
+        is_public: i.is_multiple_of(10),
         is_active: true,
         usage_count: 0,
         creator_id: owner.to_string(),
@@ -166,10 +166,12 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_path_buf();
+    let mut config = Config {
+        data_dir: dir.path().to_path_buf(),
+        log: "warn".into(),
+        ..Config::default()
+    };
     config.auth.jwt_secret = "bench-secret-0123456789".into();
-    config.log = "warn".into();
     config.limits.max_characters_per_user = 1_000_000;
 
     let state = taproom::server::build_state(config.clone()).expect("state");
@@ -178,7 +180,7 @@ async fn main() {
     let mut mine = Vec::with_capacity(MINE);
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..TOTAL {
-        let owner = if i % 10 == 0 {
+        let owner = if i.is_multiple_of(10) {
             "bench".to_string()
         } else {
             format!("user{}", i % 997)
