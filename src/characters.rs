@@ -203,9 +203,16 @@ impl CharacterService {
     pub async fn detail(&self, id: &str, user: Option<&User>) -> Result<CharacterDetail, ApiError> {
         let character = self.get(id, user)?;
         let permissions = permissions(&character, user);
+        let stats = match store::parse_id(&character.id) {
+            Some(key) => self.store.character_stats(key)?,
+            None => Default::default(),
+        };
         let statistics = Statistics {
+            conversation_count: stats.conversation_count,
+            message_count: stats.message_count,
+            memory_count: stats.memory_count,
             usage_count: character.usage_count,
-            ..Statistics::default()
+            last_used_at: stats.last_used_ms.map(crate::time::ms_to_rfc3339),
         };
         let related = self.related(&character, user).await?;
         Ok(CharacterDetail {
@@ -339,8 +346,7 @@ impl CharacterService {
         let store = self.store.clone();
         let to_store = next.clone();
         let expected = current.version;
-        blocking(move || store.update_character(&to_store, expected, avatar_change)).await?;
-        Ok(next)
+        Ok(blocking(move || store.update_character(&to_store, expected, avatar_change)).await?)
     }
 
     /// Deletes a character and everything hanging off it.

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod characters;
 pub mod cli;
 pub mod config;
+pub mod conversations;
 pub mod error;
 pub mod http;
 pub mod model;

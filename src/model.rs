@@ -207,3 +207,96 @@ impl Default for LorebookEntry {
         }
     }
 }
+
+/// Who wrote a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    User,
+    Character,
+    System,
+}
+
+/// The spec's TokenUsage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// One stored chat message. Character messages keep their alternatives as SillyTavern swipes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredMessage {
+    /// UUID v7.
+    pub id: String,
+    /// Position in the conversation, starting at 0.
+    pub seq: u64,
+    pub role: MessageRole,
+    /// Display name at the time (user name or character name).
+    pub name: String,
+    /// The chosen text (`swipes[swipe_id]` when there are swipes).
+    pub content: String,
+    /// RFC 3339 UTC.
+    pub timestamp: String,
+    /// Alternatives, SillyTavern style; empty when there is only `content`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swipes: Vec<String>,
+    #[serde(default)]
+    pub swipe_id: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swipe_info: Vec<serde_json::Value>,
+    /// Whether an upstream generated it (greetings and imports are not generated).
+    #[serde(default)]
+    pub generated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+    /// `stop`, `length`, `cancelled`, `error`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// Token count of `content`, cached for prompt budgeting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u32>,
+    /// SillyTavern's `extra` object, kept verbatim.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
+}
+
+/// A conversation between one user and one character.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conversation {
+    /// UUID v7.
+    pub id: String,
+    pub character_id: String,
+    pub user_id: String,
+    pub started_at: String,
+    pub last_activity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub message_count: u64,
+    /// The next message's `seq`.
+    pub next_seq: u64,
+    /// The `{{user}}` name used in this conversation.
+    #[serde(default)]
+    pub user_name: String,
+    /// Per-conversation lorebook timed-effect state (sticky/cooldown/delay), opaque here.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub lore_state: Value,
+    /// The last `characterState` a SillyTavern upstream returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub character_state: Option<Value>,
+    /// Seed for macros that must be stable per conversation (`{{pick}}`).
+    #[serde(default)]
+    pub seed: u64,
+    /// SillyTavern's chat header `chat_metadata`, kept verbatim.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub chat_metadata: Map<String, Value>,
+    /// Per-plugin state, by plugin name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub plugin_state: Map<String, Value>,
+}

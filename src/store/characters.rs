@@ -217,9 +217,10 @@ impl Store {
         updated: &Character,
         expected_version: u64,
         avatar: AvatarChange,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Character, StoreError> {
         let id = parse_id(&updated.id).ok_or_else(|| StoreError::NotFound(updated.id.clone()))?;
         let txn = self.begin_durable_write()?;
+        let stored;
         {
             let current: Character = {
                 let table = txn.open_table(CHARACTERS)?;
@@ -233,7 +234,11 @@ impl Store {
                     current: current.version,
                 });
             }
-            write_character(&txn, id, updated, Some(&current))?;
+            // usageCount moves with chatting, not with edits: keep the stored count.
+            let mut updated = updated.clone();
+            updated.usage_count = current.usage_count;
+            write_character(&txn, id, &updated, Some(&current))?;
+            stored = updated;
             let mut avatars = txn.open_table(AVATARS)?;
             match avatar {
                 AvatarChange::Keep => {}
@@ -247,13 +252,14 @@ impl Store {
         }
         txn.commit()?;
         self.cache
-            .insert(id, Cached::Live(Arc::new(updated.clone())));
-        Ok(())
+            .insert(id, Cached::Live(Arc::new(stored.clone())));
+        Ok(stored)
     }
 
     /// Deletes a character and everything stored for it, in one transaction.
     pub fn delete_character(&self, id: u128) -> Result<(), StoreError> {
         let txn = self.begin_durable_write()?;
+        let removed_conversations;
         {
             let current: Character = {
                 let table = txn.open_table(CHARACTERS)?;
@@ -273,16 +279,13 @@ impl Store {
             } else {
                 counts.insert(owner, count - 1)?;
             }
-            self.delete_dependents(&txn, id)?;
+            removed_conversations = super::conversations::delete_character_conversations(&txn, id)?;
         }
         txn.commit()?;
         self.cache.insert(id, Cached::Gone);
-        Ok(())
-    }
-
-    /// Removes data hanging off a character (conversations, messages, memory) inside the
-    /// deleting transaction. Tables that do not exist yet have nothing to remove.
-    fn delete_dependents(&self, _txn: &WriteTransaction, _id: u128) -> Result<(), StoreError> {
+        for cid in removed_conversations {
+            self.histories.invalidate(&cid);
+        }
         Ok(())
     }
 
@@ -530,6 +533,21 @@ fn write_character(
     if let Some(group) = &c.group_id {
         txn.open_table(BY_GROUP)?
             .insert((group.as_str(), id), posting.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Rewrites a character's summary rows after a change that keeps its `updatedAt` (usage).
+pub(crate) fn rewrite_summary(
+    txn: &WriteTransaction,
+    id: u128,
+    c: &Character,
+) -> Result<(), StoreError> {
+    let summary = Summary::of(c, id).encode();
+    txn.open_table(BY_OWNER)?
+        .insert((c.creator_id.as_str(), id), summary.as_slice())?;
+    if c.is_public {
+        txn.open_table(PUBLIC)?.insert(id, summary.as_slice())?;
     }
     Ok(())
 }

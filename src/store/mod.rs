@@ -6,11 +6,13 @@
 //! write survives a crash.
 
 mod characters;
+mod conversations;
 mod summary;
 
 pub use characters::{
     parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
 };
+pub use conversations::{CharacterStats, ConversationPage, History, IdempotentRecord};
 pub use summary::Summary;
 
 use crate::model::Character;
@@ -92,6 +94,8 @@ pub struct Store {
     db: Arc<Database>,
     /// Characters by id; written after every commit, so reads never see older data than the file.
     cache: Cache<u128, Cached>,
+    /// Conversation histories by id, replaced after every commit that changes them.
+    histories: Cache<u128, Arc<History>>,
 }
 
 impl Store {
@@ -106,6 +110,9 @@ impl Store {
         let store = Self {
             db: Arc::new(db),
             cache: Cache::builder().max_capacity(cache_capacity).build(),
+            histories: Cache::builder()
+                .max_capacity(cache_capacity / 4 + 16)
+                .build(),
         };
         store.init_schema()?;
         Ok(store)
@@ -142,6 +149,12 @@ impl Store {
             txn.open_table(AVATARS)?;
             txn.open_table(BY_TAG)?;
             txn.open_table(BY_GROUP)?;
+            txn.open_table(conversations::CONVERSATIONS)?;
+            txn.open_table(conversations::CONV_BY_USER)?;
+            txn.open_table(conversations::CONV_BY_CHARACTER)?;
+            txn.open_table(conversations::MESSAGES)?;
+            txn.open_table(conversations::CHARACTER_STATS)?;
+            txn.open_table(conversations::IDEMPOTENCY)?;
         }
         txn.commit()?;
         Ok(())

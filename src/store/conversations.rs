@@ -1,0 +1,384 @@
+//! Conversations, their messages (keyed by (conversation, seq)), per-character statistics and
+//! idempotency records. A conversation's record and its messages always change in one
+//! transaction, and a moka cache keeps hot histories so a turn does not re-read them.
+
+use super::characters::parse_id;
+use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS};
+use crate::model::{Character, Conversation, StoredMessage};
+use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// id → Conversation.
+pub(crate) const CONVERSATIONS: TableDefinition<u128, &[u8]> =
+    TableDefinition::new("conversations");
+/// (user, character, lastActivity ms, conversation) → (): a user's conversations with a
+/// character, newest activity last.
+pub(crate) const CONV_BY_USER: TableDefinition<(&str, u128, i64, u128), ()> =
+    TableDefinition::new("conv_by_user");
+/// (character, conversation) → (): everything to delete with a character.
+pub(crate) const CONV_BY_CHARACTER: TableDefinition<(u128, u128), ()> =
+    TableDefinition::new("conv_by_character");
+/// (conversation, seq) → StoredMessage.
+pub(crate) const MESSAGES: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("messages");
+/// character → CharacterStats.
+pub(crate) const CHARACTER_STATS: TableDefinition<u128, &[u8]> =
+    TableDefinition::new("character_stats");
+/// (user, idempotency key) → stored response.
+pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("idempotency");
+
+/// Counters kept per character.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CharacterStats {
+    pub conversation_count: u64,
+    pub message_count: u64,
+    pub memory_count: u64,
+    pub last_used_ms: Option<i64>,
+}
+
+/// A conversation and its whole history, as cached.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub conversation: Conversation,
+    pub messages: Vec<StoredMessage>,
+}
+
+/// A stored idempotent result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdempotentRecord {
+    /// Hash of the request it answered, so a reused key with another body is refused.
+    pub request_hash: u64,
+    pub response: serde_json::Value,
+    pub created_ms: i64,
+}
+
+/// One page of a user's conversations with a character.
+#[derive(Debug, Clone)]
+pub struct ConversationPage {
+    pub conversations: Vec<Conversation>,
+    /// Cursor for the next (older) page.
+    pub next: Option<(i64, u128)>,
+}
+
+fn ms(rfc: &str) -> i64 {
+    crate::time::rfc3339_to_ms(rfc)
+}
+
+impl Store {
+    fn durable(&self) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(txn)
+    }
+
+    /// A conversation with all its messages (cached).
+    pub fn history(&self, conversation_id: u128) -> Result<Option<Arc<History>>, StoreError> {
+        if let Some(h) = self.histories.get(&conversation_id) {
+            return Ok(Some(h));
+        }
+        let txn = self.db.begin_read()?;
+        let convs = txn.open_table(CONVERSATIONS)?;
+        let Some(raw) = convs.get(conversation_id)? else {
+            return Ok(None);
+        };
+        let conversation: Conversation = decode_record(raw.value())?;
+        let table = txn.open_table(MESSAGES)?;
+        let mut messages = Vec::new();
+        for item in table.range((conversation_id, 0u64)..=(conversation_id, u64::MAX))? {
+            let (_, v) = item?;
+            messages.push(decode_record(v.value())?);
+        }
+        let h = Arc::new(History {
+            conversation,
+            messages,
+        });
+        // Writers replace the entry after each commit; only fill an empty slot here.
+        self.histories
+            .entry(conversation_id)
+            .or_insert_with(|| h.clone());
+        Ok(Some(h))
+    }
+
+    /// Writes a conversation record plus new or changed messages, and removes `removed`
+    /// seqs, in one durable transaction. `previous` is the record being replaced (None for a
+    /// new conversation). `usage_delta` counts new turns for the character's usageCount.
+    pub fn save_conversation(
+        &self,
+        conversation: &Conversation,
+        previous: Option<&Conversation>,
+        upserts: &[StoredMessage],
+        removed: &[u64],
+        usage_delta: u64,
+    ) -> Result<Arc<History>, StoreError> {
+        let cid = parse_id(&conversation.id)
+            .ok_or_else(|| StoreError::Corrupt("conversation id".into()))?;
+        let chid = parse_id(&conversation.character_id)
+            .ok_or_else(|| StoreError::NotFound(conversation.character_id.clone()))?;
+        let txn = self.durable()?;
+        let updated_character;
+        {
+            // The character must still exist: a conversation never outlives it.
+            let mut chars = txn.open_table(CHARACTERS)?;
+            let mut character: Character = match chars.get(chid)? {
+                Some(raw) => decode_record(raw.value())?,
+                None => return Err(StoreError::NotFound(conversation.character_id.clone())),
+            };
+            let mut by_user = txn.open_table(CONV_BY_USER)?;
+            if let Some(prev) = previous {
+                by_user.remove((prev.user_id.as_str(), chid, ms(&prev.last_activity), cid))?;
+            }
+            by_user.insert(
+                (
+                    conversation.user_id.as_str(),
+                    chid,
+                    ms(&conversation.last_activity),
+                    cid,
+                ),
+                (),
+            )?;
+            txn.open_table(CONV_BY_CHARACTER)?.insert((chid, cid), ())?;
+            txn.open_table(CONVERSATIONS)?
+                .insert(cid, encode_record(conversation)?.as_slice())?;
+            let mut msgs = txn.open_table(MESSAGES)?;
+            let mut new_messages = 0u64;
+            for m in upserts {
+                let existed = msgs
+                    .insert((cid, m.seq), encode_record(m)?.as_slice())?
+                    .is_some();
+                new_messages += u64::from(!existed);
+            }
+            let mut removed_count = 0u64;
+            for seq in removed {
+                removed_count += u64::from(msgs.remove((cid, *seq))?.is_some());
+            }
+            let mut stats_table = txn.open_table(CHARACTER_STATS)?;
+            let mut stats: CharacterStats = match stats_table.get(chid)? {
+                Some(raw) => decode_record(raw.value())?,
+                None => CharacterStats::default(),
+            };
+            stats.conversation_count += u64::from(previous.is_none());
+            stats.message_count =
+                (stats.message_count + new_messages).saturating_sub(removed_count);
+            stats.last_used_ms = Some(ms(&conversation.last_activity));
+            stats_table.insert(chid, encode_record(&stats)?.as_slice())?;
+            if usage_delta > 0 {
+                character.usage_count += usage_delta;
+                super::characters::rewrite_summary(&txn, chid, &character)?;
+                chars.insert(chid, encode_record(&character)?.as_slice())?;
+                updated_character = Some(character);
+            } else {
+                updated_character = None;
+            }
+        }
+        txn.commit()?;
+        if let Some(c) = updated_character {
+            self.cache.insert(chid, Cached::Live(Arc::new(c)));
+        }
+        // Rebuild the cached history from the previous one plus the changes.
+        let mut messages = match self.histories.get(&cid) {
+            Some(h) => h.messages.clone(),
+            None => Vec::new(),
+        };
+        if previous.is_some()
+            && messages.is_empty()
+            && conversation.message_count > upserts.len() as u64
+        {
+            // Not cached before: drop it so the next read loads the whole history.
+            self.histories.invalidate(&cid);
+            return self
+                .history(cid)?
+                .ok_or_else(|| StoreError::NotFound(conversation.id.clone()));
+        }
+        messages.retain(|m| !removed.contains(&m.seq));
+        for m in upserts {
+            match messages.iter_mut().find(|x| x.seq == m.seq) {
+                Some(slot) => *slot = m.clone(),
+                None => messages.push(m.clone()),
+            }
+        }
+        messages.sort_by_key(|m| m.seq);
+        let h = Arc::new(History {
+            conversation: conversation.clone(),
+            messages,
+        });
+        self.histories.insert(cid, h.clone());
+        Ok(h)
+    }
+
+    /// Deletes a conversation and its messages.
+    pub fn delete_conversation(&self, cid: u128) -> Result<(), StoreError> {
+        let txn = self.durable()?;
+        {
+            let conv: Conversation = {
+                let t = txn.open_table(CONVERSATIONS)?;
+                let raw = t
+                    .get(cid)?
+                    .ok_or_else(|| StoreError::NotFound("conversation".into()))?;
+                decode_record(raw.value())?
+            };
+            delete_conversation_rows(&txn, cid, &conv)?;
+        }
+        txn.commit()?;
+        self.histories.invalidate(&cid);
+        Ok(())
+    }
+
+    /// A user's conversations with a character, newest activity first.
+    pub fn list_conversations(
+        &self,
+        user: &str,
+        character: u128,
+        before: Option<(i64, u128)>,
+        limit: usize,
+    ) -> Result<ConversationPage, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(CONV_BY_USER)?;
+        let upper = match before {
+            Some((t, id)) => (user, character, t, id),
+            None => (user, character, i64::MAX, u128::MAX),
+        };
+        let lower = (user, character, i64::MIN, 0u128);
+        let convs = txn.open_table(CONVERSATIONS)?;
+        let mut out = Vec::with_capacity(limit);
+        let mut next = None;
+        for item in index.range(lower..=upper)?.rev() {
+            let (k, _) = item?;
+            let (_, _, t, id) = k.value();
+            if Some((t, id)) == before {
+                continue;
+            }
+            if out.len() == limit {
+                next = out
+                    .last()
+                    .map(|c: &Conversation| (ms(&c.last_activity), parse_id(&c.id).unwrap_or(0)));
+                break;
+            }
+            if let Some(raw) = convs.get(id)? {
+                out.push(decode_record(raw.value())?);
+            }
+        }
+        Ok(ConversationPage {
+            conversations: out,
+            next,
+        })
+    }
+
+    /// The user's most recently active conversation with a character.
+    pub fn latest_conversation(
+        &self,
+        user: &str,
+        character: u128,
+    ) -> Result<Option<u128>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(CONV_BY_USER)?;
+        let mut range = index
+            .range((user, character, i64::MIN, 0u128)..=(user, character, i64::MAX, u128::MAX))?;
+        match range.next_back() {
+            Some(item) => Ok(Some(item?.0.value().3)),
+            None => Ok(None),
+        }
+    }
+
+    /// Per-character counters.
+    pub fn character_stats(&self, character: u128) -> Result<CharacterStats, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHARACTER_STATS)?;
+        match t.get(character)? {
+            Some(raw) => decode_record(raw.value()),
+            None => Ok(CharacterStats::default()),
+        }
+    }
+
+    /// A stored idempotent response.
+    pub fn idempotent(
+        &self,
+        user: &str,
+        key: &str,
+    ) -> Result<Option<IdempotentRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(IDEMPOTENCY)?;
+        match t.get((user, key))? {
+            Some(raw) => Ok(Some(decode_record(raw.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records an idempotent response.
+    pub fn put_idempotent(
+        &self,
+        user: &str,
+        key: &str,
+        record: &IdempotentRecord,
+    ) -> Result<(), StoreError> {
+        let txn = self.durable()?;
+        txn.open_table(IDEMPOTENCY)?
+            .insert((user, key), encode_record(record)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn delete_conversation_rows(
+    txn: &WriteTransaction,
+    cid: u128,
+    conv: &Conversation,
+) -> Result<(), StoreError> {
+    let chid = parse_id(&conv.character_id).unwrap_or(0);
+    txn.open_table(CONV_BY_USER)?.remove((
+        conv.user_id.as_str(),
+        chid,
+        ms(&conv.last_activity),
+        cid,
+    ))?;
+    txn.open_table(CONV_BY_CHARACTER)?.remove((chid, cid))?;
+    txn.open_table(CONVERSATIONS)?.remove(cid)?;
+    let mut msgs = txn.open_table(MESSAGES)?;
+    let seqs: Vec<u64> = msgs
+        .range((cid, 0u64)..=(cid, u64::MAX))?
+        .filter_map(|i| i.ok().map(|(k, _)| k.value().1))
+        .collect();
+    let removed = seqs.len() as u64;
+    for seq in seqs {
+        msgs.remove((cid, seq))?;
+    }
+    let mut stats_table = txn.open_table(CHARACTER_STATS)?;
+    let stats: Option<CharacterStats> = match stats_table.get(chid)? {
+        Some(raw) => Some(decode_record(raw.value())?),
+        None => None,
+    };
+    if let Some(mut stats) = stats {
+        stats.conversation_count = stats.conversation_count.saturating_sub(1);
+        stats.message_count = stats.message_count.saturating_sub(removed);
+        stats_table.insert(chid, encode_record(&stats)?.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Removes every conversation of a character (inside the character-deleting transaction).
+pub(crate) fn delete_character_conversations(
+    txn: &WriteTransaction,
+    chid: u128,
+) -> Result<Vec<u128>, StoreError> {
+    let ids: Vec<u128> = txn
+        .open_table(CONV_BY_CHARACTER)?
+        .range((chid, 0u128)..=(chid, u128::MAX))?
+        .filter_map(|i| i.ok().map(|(k, _)| k.value().1))
+        .collect();
+    for cid in &ids {
+        let conv: Option<Conversation> = {
+            let t = txn.open_table(CONVERSATIONS)?;
+            let raw = t.get(*cid)?;
+            match raw {
+                Some(raw) => Some(decode_record(raw.value())?),
+                None => None,
+            }
+        };
+        if let Some(conv) = conv {
+            delete_conversation_rows(txn, *cid, &conv)?;
+        }
+    }
+    txn.open_table(CHARACTER_STATS)?.remove(chid)?;
+    Ok(ids)
+}
