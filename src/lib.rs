@@ -2,5 +2,7 @@
 //!
 //! # Layout
 //! - `model`: the spec's Character entity, PersonalityProfile and the lorebook types.
+//! - `prompt`: SillyTavern-compatible prompt building: tokens, macros, lorebook, assembly.
 
 pub mod model;
+pub mod prompt;
