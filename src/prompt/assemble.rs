@@ -667,3 +667,7 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
         },
     }
 }
+
+#[cfg(test)]
+#[path = "assemble_tests.rs"]
+mod tests;
