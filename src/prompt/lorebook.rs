@@ -487,6 +487,15 @@ impl CompiledLorebook {
         }
     }
 
+    /// Compiles the character's own `character_book`, if it has one.
+    pub fn for_character(
+        character: &crate::model::Character,
+        tokenizer: &Tokenizer,
+    ) -> Option<CompiledLorebook> {
+        let book = character.personality.character_book.as_ref()?;
+        Some(CompiledLorebook::compile(book, tokenizer))
+    }
+
     /// The compiled entry at `index` (as returned in [`Activation::entries`]).
     pub fn entry(&self, index: usize) -> Option<&CompiledEntry> {
         self.entries.get(index)
@@ -582,8 +591,9 @@ fn hits(ac: Option<&AhoCorasick>, n: usize, text: &str) -> Hits {
         let p = m.pattern().as_usize();
         h.any[p] = true;
         if !h.whole[p] {
-            let before = text[..m.start()].chars().next_back();
-            let after = text[m.end()..].chars().next();
+            // UTF-8 patterns only match on char boundaries, so these slices always exist.
+            let before = text.get(..m.start()).and_then(|t| t.chars().next_back());
+            let after = text.get(m.end()..).and_then(|t| t.chars().next());
             h.whole[p] = !before.is_some_and(is_word) && !after.is_some_and(is_word);
         }
     }
@@ -720,9 +730,10 @@ pub fn activate(book: &CompiledLorebook, input: &ActivationInput<'_>) -> Activat
                 Some(FireReason::Decorator)
             } else if pass == 0 && e.constant {
                 Some(FireReason::Constant)
-            } else if pass == 0 && e.delay_until_recursion {
-                None
-            } else if pass > 0 && (e.exclude_recursion || e.constant) {
+            } else if (pass == 0 && e.delay_until_recursion)
+                || (pass > 0 && (e.exclude_recursion || e.constant))
+            {
+                // Delayed entries wait for a recursive pass; excluded ones never take part in one.
                 None
             } else {
                 // The scan buffer is only (re)read on the first pass and by entries delayed until
