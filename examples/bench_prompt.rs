@@ -169,7 +169,10 @@ fn main() {
     }
     let iterations = 1000;
     let mut times = Vec::with_capacity(iterations);
+    // BENCH_FIXED_SEED=1 repeats one generation, separating scheduler noise from input variety.
+    let fixed_seed = std::env::var_os("BENCH_FIXED_SEED").is_some();
     for seed in 0..iterations as u64 {
+        let seed = if fixed_seed { 0 } else { seed };
         let t = Instant::now();
         std::hint::black_box(run(seed));
         times.push(t.elapsed());

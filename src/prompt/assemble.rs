@@ -339,6 +339,21 @@ fn depth_prompt(c: &Character) -> Option<(usize, Role, &str)> {
     Some((depth, role, prompt))
 }
 
+/// Tokens of the `\n` joining two pieces of a joined section.
+const NEWLINE_TOKENS: usize = 1;
+
+/// Tokens of pieces joined with newlines, counted piece by piece. cl100k_base's pre-tokenizer
+/// splits at newlines, so this matches counting the joined text to within a token per join, and
+/// it lets the tokenizer cache serve each entry even when the set of activated entries (and so
+/// the joined text) changes every generation.
+fn joined_tokens<'s>(tokenizer: &Tokenizer, pieces: impl Iterator<Item = &'s str>) -> usize {
+    let mut total = 0;
+    for (i, piece) in pieces.enumerate() {
+        total += tokenizer.count(piece) + if i > 0 { NEWLINE_TOKENS } else { 0 };
+    }
+    total
+}
+
 /// A message under construction: its section and its content token count.
 struct Part {
     section: String,
@@ -433,9 +448,12 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
         lore_state = act.state;
     }
     let wi_part = |key: &str, section: &str| {
-        wi.get(key)
-            .filter(|v| !v.is_empty())
-            .map(|v| part(section, Role::System, v.join("\n")))
+        wi.get(key).filter(|v| !v.is_empty()).map(|v| Part {
+            section: section.to_owned(),
+            role: Role::System,
+            tokens: joined_tokens(tokenizer, v.iter().map(String::as_str)),
+            content: v.join("\n"),
+        })
     };
 
     // Fixed parts before the examples.
@@ -497,14 +515,20 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
     let mut mid: Vec<Part> = Vec::new();
     mid.extend(wi_part("examplesBottom", "worldInfoExamplesBottom"));
     if let Some(mem) = input.memory {
-        let mut text = sub(&mem.summary);
-        for line in &mem.recalled {
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            text.push_str(&sub(line));
+        let pieces: Vec<String> = std::iter::once(&mem.summary)
+            .chain(&mem.recalled)
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| sub(t))
+            .collect();
+        if !pieces.is_empty() {
+            // Counted per piece: recalled memories change every turn, their texts do not.
+            mid.push(Part {
+                section: "memory".to_owned(),
+                role: Role::System,
+                tokens: joined_tokens(tokenizer, pieces.iter().map(String::as_str)),
+                content: pieces.join("\n"),
+            });
         }
-        push_if(&mut mid, "memory", text);
     }
     for s in input.extra_sections {
         match s.position {
@@ -551,10 +575,12 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
     injections.sort_by_key(|(d, r, k, _)| (std::cmp::Reverse(*d), *r, *k));
     let mut grouped: Vec<(usize, Part)> = Vec::new();
     for (depth, role, _, content) in injections {
+        let tokens = tokenizer.count(&content);
         match grouped.last_mut() {
             Some((d, p)) if *d == depth && p.role == role => {
                 p.content.push('\n');
                 p.content.push_str(&content);
+                p.tokens += tokens + NEWLINE_TOKENS;
             }
             _ => grouped.push((
                 depth,
@@ -562,13 +588,10 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
                     section: format!("inChat@{depth}"),
                     role,
                     content,
-                    tokens: 0,
+                    tokens,
                 },
             )),
         }
-    }
-    for (_, p) in &mut grouped {
-        p.tokens = tokenizer.count(&p.content);
     }
 
     // Budget: fixed parts first, then history newest→oldest, then examples.

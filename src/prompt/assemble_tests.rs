@@ -544,3 +544,39 @@ fn key_of(r: &lorebook::FireReason) -> FireReasonKey {
         _ => None,
     }
 }
+
+#[test]
+fn macros_see_the_chat_and_the_clock() {
+    let c = character(
+        json!({"scenario": "{{lastUserMessage}} / {{lastCharMessage}} on {{weekday}} {{isodate}}"}),
+        json!({}),
+    );
+    let f = Fixture::new(c, vec![msg(Role::Assistant, "Hi"), msg(Role::User, "Yo")]);
+    let r = render(&f.build());
+    assert_eq!(
+        r[1],
+        "system: [Circumstances and context of the dialogue: Yo / Hi on Thursday 2026-11-26]"
+    );
+}
+
+#[test]
+fn lore_state_comes_back_updated_and_stored_token_counts_are_used() {
+    let c = character(
+        json!({}),
+        json!({"characterBook": {"entries": [
+            {"id": "s", "keys": ["go"], "content": "Sticky lore", "extensions": {"sticky": 3}},
+        ]}}),
+    );
+    let mut history = vec![msg(Role::Assistant, "hi"), msg(Role::User, "go")];
+    history[0].tokens = Some(100);
+    let f = Fixture::new(c, history);
+    let p = f.build();
+    assert_eq!(p.lore_state().effects["s"].sticky_until, 5);
+    let hist = p
+        .itemization
+        .sections
+        .iter()
+        .find(|s| s.section == "chatHistory")
+        .unwrap();
+    assert_eq!(hist.tokens, 101, "stored 100 + counted 'go'");
+}

@@ -218,7 +218,11 @@ fn evaluate(inner: &str, offset: usize, st: &State<'_, '_>, out: &mut String) {
         }
         ("pick", Some(list)) => {
             let items = split_list(list);
-            let mut rng = SplitMix64::new(mix_seed(ctx.conversation_seed, offset as u64));
+            // The list text is part of the seed so that equal offsets in different sections do
+            // not force the same choice; FNV rather than `DefaultHasher`, whose output may
+            // change between Rust releases and would reshuffle every stored conversation.
+            let seed = mix_seed(ctx.conversation_seed, offset as u64) ^ fnv1a(list);
+            let mut rng = SplitMix64::new(seed);
             out.push_str(items[rng.below(items.len() as u64) as usize]);
         }
         ("roll", Some(spec)) => match roll(spec, st) {
@@ -227,6 +231,13 @@ fn evaluate(inner: &str, offset: usize, st: &State<'_, '_>, out: &mut String) {
         },
         _ => push_raw(out, inner),
     }
+}
+
+/// 64-bit FNV-1a: a tiny hash with a fixed, documented output.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }
 
 fn push_raw(out: &mut String, inner: &str) {
