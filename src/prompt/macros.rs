@@ -12,6 +12,9 @@ use chrono::{DateTime, FixedOffset};
 
 use super::{mix_seed, SplitMix64};
 
+/// Deepest macro nesting expanded (`{{random:{{user}},…}}` is depth 2).
+const MAX_NESTING: usize = 8;
+
 /// Placeholder left by `{{trim}}` until the surrounding newlines can be removed; a private-use
 /// code point, so it cannot collide with card text in practice.
 const TRIM_MARK: char = '\u{F8FF}';
@@ -86,7 +89,7 @@ pub fn substitute(text: &str, ctx: &MacroContext<'_>) -> String {
     };
     let mut out = String::with_capacity(text.len());
     let mut pos = 0;
-    expand(text, &mut pos, &mut state, &mut out, false);
+    expand(text, &mut pos, &mut state, &mut out, 0);
     if state.trimmed.get() {
         out = apply_trim(&out);
     }
@@ -102,23 +105,26 @@ struct State<'c, 'a> {
     trimmed: Cell<bool>,
 }
 
-/// Copies `src[*pos..]` to `out`, expanding macros. When `nested`, stops after the `}}` that
+/// Copies `src[*pos..]` to `out`, expanding macros. When nested (`depth` > 0), stops after the `}}` that
 /// closes the current macro and returns true; returns false at the end of the text.
 fn expand(
     src: &str,
     pos: &mut usize,
     st: &mut State<'_, '_>,
     out: &mut String,
-    nested: bool,
+    depth: usize,
 ) -> bool {
+    let nested = depth > 0;
     let bytes = src.as_bytes();
     while *pos < bytes.len() {
         let rest = &src[*pos..];
-        if rest.starts_with("{{") {
+        // Past the nesting limit `{{` is plain text: a hostile card must not be able to recurse
+        // the server's stack away.
+        if depth < MAX_NESTING && rest.starts_with("{{") {
             let start = *pos;
             *pos += 2;
             let mut inner = String::new();
-            if expand(src, pos, st, &mut inner, true) {
+            if expand(src, pos, st, &mut inner, depth + 1) {
                 evaluate(&inner, start, st, out);
             } else {
                 // Unclosed: keep the text as written.
@@ -444,6 +450,14 @@ mod tests {
             })
             .collect();
         assert!(picks.len() > 1);
+    }
+
+    #[test]
+    fn deep_nesting_is_bounded() {
+        let hostile = "{{".repeat(100_000);
+        assert_eq!(substitute(&hostile, &ctx()), hostile);
+        let deep = format!("{}char{}", "{{".repeat(20), "}}".repeat(20));
+        assert!(substitute(&deep, &ctx()).contains("char"));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! global RNG: the caller passes `now`, the seeds and the per-conversation [`lorebook::LoreState`],
 //! and gets the updated state back. The same input always produces the same prompt.
 
+#![warn(missing_docs)]
+
 pub mod assemble;
 pub mod lorebook;
 pub mod macros;

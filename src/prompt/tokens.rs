@@ -16,6 +16,9 @@ const CACHE_CAPACITY: usize = 4096;
 /// Texts shorter than this are counted directly: hashing and locking would cost about as much.
 const CACHE_MIN_LEN: usize = 64;
 
+/// Texts longer than this (bytes) are counted in chunks; see [`Tokenizer::count_chunked`].
+const CHUNK_LEN: usize = 4096;
+
 /// Building the tokenizer failed (the embedded rank table did not parse).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the cl100k_base tokenizer: {0}")]
@@ -60,13 +63,35 @@ impl Tokenizer {
         if let Some(n) = self.lock().get(&key) {
             return *n;
         }
-        let n = self.bpe.encode_ordinary(text).len();
+        let n = self.count_chunked(text);
         let mut cache = self.lock();
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
         }
         cache.insert(key, n);
         n
+    }
+
+    /// BPE merging is quadratic in the length of one pre-tokenized piece, and a long run of
+    /// letters without spaces is one piece: a pasted 100 KB blob would stall a core. Long texts
+    /// are therefore counted in chunks cut just before whitespace (where cl100k_base splits
+    /// anyway), which keeps the count exact for ordinary text and bounds the work for blobs.
+    fn count_chunked(&self, text: &str) -> usize {
+        let mut total = 0;
+        let mut rest = text;
+        while rest.len() > CHUNK_LEN {
+            let mut cut = CHUNK_LEN;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            cut = split_point(&rest[..cut]).unwrap_or(cut);
+            if cut == 0 {
+                cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
+            }
+            total += self.bpe.encode_ordinary(&rest[..cut]).len();
+            rest = &rest[cut..];
+        }
+        total + self.bpe.encode_ordinary(rest).len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
@@ -76,6 +101,32 @@ impl Tokenizer {
 }
 
 /// One tokenizer for the whole test binary: building it is slow in debug builds.
+/// Where to cut a chunk so that no cl100k_base piece straddles the cut: right after a newline
+/// that precedes a non-space (newline runs end their piece), or right before a single space
+/// that follows a non-space (a space starts the next word's piece). Searched in the last
+/// quarter of the window only, so chunks stay large.
+fn split_point(window: &str) -> Option<usize> {
+    let floor = window.len() * 3 / 4;
+    let mut next: Option<char> = None;
+    for (i, c) in window.char_indices().rev() {
+        if i < floor {
+            break;
+        }
+        let prev = window[..i].chars().next_back();
+        if c == '\n' && next.is_some_and(|n| !n.is_whitespace()) {
+            return Some(i + 1);
+        }
+        if c == ' '
+            && prev.is_some_and(|p| !p.is_whitespace())
+            && next.is_some_and(|n| !n.is_whitespace())
+        {
+            return Some(i);
+        }
+        next = Some(c);
+    }
+    None
+}
+
 #[cfg(test)]
 pub(crate) fn shared() -> Arc<Tokenizer> {
     static SHARED: std::sync::OnceLock<Arc<Tokenizer>> = std::sync::OnceLock::new();
@@ -102,5 +153,19 @@ mod tests {
         check("<|endoftext|>", 7);
         // The trailing space is a token of its own.
         check(&"hello world ".repeat(20), 41);
+    }
+
+    #[test]
+    fn long_texts_are_counted_in_chunks_exactly_and_blobs_fast() {
+        let t = shared();
+        let prose = "The quick brown fox jumps over the lazy dog.\n".repeat(400);
+        assert_eq!(t.count(&prose), t.bpe.encode_ordinary(&prose).len());
+        let spaced = "lorem ipsum, dolor sit amet ".repeat(600);
+        assert_eq!(t.count(&spaced), t.bpe.encode_ordinary(&spaced).len());
+        // One 200 KB "word": must finish quickly rather than merge quadratically.
+        let blob = "x".repeat(200_000);
+        let started = std::time::Instant::now();
+        assert!(t.count(&blob) > 0);
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
 }
