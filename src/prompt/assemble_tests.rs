@@ -580,3 +580,15 @@ fn lore_state_comes_back_updated_and_stored_token_counts_are_used() {
         .unwrap();
     assert_eq!(hist.tokens, 101, "stored 100 + counted 'go'");
 }
+
+#[test]
+fn lorebook_content_gets_macros() {
+    let c = character(
+        json!({}),
+        json!({"nickname": "Sy", "characterBook": {"entries": [
+            {"id": 1, "keys": ["go"], "content": "{{char}} helps {{user}}.{{// hidden}}"},
+        ]}}),
+    );
+    let f = Fixture::new(c, vec![msg(Role::User, "go")]);
+    assert_eq!(render(&f.build())[1], "system: Sy helps Ann.");
+}

@@ -547,3 +547,18 @@ fn report_serializes_camel_case() {
     assert_eq!(v["rejected"][0]["reason"]["kind"], "probability");
     assert!(v.get("budgetTokens").is_some());
 }
+
+#[test]
+fn scan_buffer_is_newest_first() {
+    // Anchored at the start of the buffer: only the newest message can be there.
+    let b = entries(json!([{"id": 1, "keys": ["/^Ann: newest/"], "content": "x"}]));
+    check(&b, &[("Ann", "oldest"), ("Ann", "newest")], &["1"]);
+    check(&b, &[("Ann", "newest"), ("Ann", "oldest")], &[]);
+}
+
+#[test]
+fn compiled_book_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CompiledLorebook>();
+    assert_send_sync::<Tokenizer>();
+}
