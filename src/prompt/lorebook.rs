@@ -15,7 +15,7 @@
 //! messages: an entry activated when the chat had `n` messages stays active (sticky `s`) while the
 //! chat has `n+1..=n+s` messages, then is blocked (cooldown `c`) for the next `c` messages.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::{Regex, RegexBuilder};
@@ -1027,11 +1027,6 @@ pub fn scan_text(history: &[HistoryMessage], depth: usize) -> String {
         out.push_str(&m.content);
     }
     out
-}
-
-/// The uids of a report's activated entries, for tests and logs.
-pub fn activated_uids(report: &LoreReport) -> BTreeSet<String> {
-    report.activated.iter().map(|f| f.uid.clone()).collect()
 }
 
 #[cfg(test)]
