@@ -3,15 +3,18 @@
 //!
 //! # Layout
 //! Data flows one way: `http` (routing, middleware) → `auth` → handlers in `http::*` → domain
-//! services (`characters`) → `store` (redb + moka).
+//! services (`characters`, `conversations`, `interact`) → `store` (redb + moka), `upstream`,
+//! `prompt`.
 //! - `cli`: `taproom serve` / `taproom token`.
 //! - `config`: one typed `Config`, a pure function of (file, environment); passed down.
 //! - `error`: `ApiError`, the spec's codes, statuses and envelope.
 //! - `auth`: JWT verification (algorithm fixed by config) and minting.
 //! - `http`: router, tower layers, extractors, handlers. The only module that knows wire shapes.
 //! - `characters`: the character domain service (validation, access, versioning).
-//! - `store`: the only module that knows redb; index tables and the character cache.
-//! - `model`: the spec's Character and lorebook types.
+//! - `conversations`: conversations, swipes, SillyTavern chat JSONL.
+//! - `prompt`: SillyTavern-compatible prompt building: tokens, macros, lorebook, assembly. Pure.
+//! - `store`: the only module that knows redb; index tables and caches.
+//! - `model`: the spec's Character, lorebook, conversation and message types.
 //! - `server`: builds the state and serves with graceful shutdown.
 
 pub mod auth;
@@ -22,6 +25,7 @@ pub mod conversations;
 pub mod error;
 pub mod http;
 pub mod model;
+pub mod prompt;
 pub mod server;
 pub mod store;
 pub mod time;
