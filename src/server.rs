@@ -4,6 +4,7 @@
 use crate::auth::Authenticator;
 use crate::characters::CharacterService;
 use crate::config::{Config, ConfigError};
+use crate::conversations::ConversationService;
 use crate::http::{self, AppState};
 use crate::store::{Store, StoreError};
 use std::future::Future;
@@ -28,11 +29,13 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let auth = Authenticator::from_config(&config.auth, &config.data_dir)?;
     let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
-    let characters = CharacterService::new(store, config.limits.clone());
+    let characters = CharacterService::new(store.clone(), config.limits.clone());
+    let conversations = ConversationService::new(store, characters.clone());
     Ok(AppState {
         config: Arc::new(config),
         auth: Arc::new(auth),
         characters,
+        conversations,
         ready: Arc::new(AtomicBool::new(false)),
     })
 }

@@ -2,12 +2,14 @@
 //! timeouts, body limits). Only this module knows JSON wire shapes and status codes.
 
 pub mod characters;
+pub mod conversations;
 pub mod extract;
 pub mod request_id;
 
 use crate::auth::Authenticator;
 use crate::characters::CharacterService;
 use crate::config::Config;
+use crate::conversations::ConversationService;
 use crate::error::ApiError;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -32,6 +34,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub auth: Arc<Authenticator>,
     pub characters: CharacterService,
+    pub conversations: ConversationService,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
 }
@@ -53,6 +56,30 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/characters/{id}/avatar",
             get(characters::get_avatar).put(characters::put_avatar),
+        )
+        .route(
+            "/api/characters/{id}/conversations",
+            get(conversations::list),
+        )
+        .route(
+            "/api/characters/{id}/conversations/import",
+            axum::routing::post(conversations::import),
+        )
+        .route(
+            "/api/conversations/{cid}",
+            get(conversations::get).delete(conversations::delete),
+        )
+        .route(
+            "/api/conversations/{cid}/export",
+            get(conversations::export),
+        )
+        .route(
+            "/api/conversations/{cid}/messages/{mid}",
+            axum::routing::put(conversations::edit_message).delete(conversations::delete_message),
+        )
+        .route(
+            "/api/conversations/{cid}/messages/{mid}/swipe",
+            axum::routing::put(conversations::choose_swipe),
         )
         .route("/healthz", get(healthz))
         .fallback(not_found)
