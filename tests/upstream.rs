@@ -855,3 +855,34 @@ async fn the_api_key_never_appears_in_logs_errors_or_status() {
         assert!(!t.contains(KEY), "key leaked: {t}");
     }
 }
+
+#[tokio::test]
+async fn https_upstream_trusts_the_extra_ca_file_and_negotiates_h2() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let fake = FakeUpstream::start_tls(&dir.join("server.pem"), &dir.join("server.key"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = config(UpstreamKind::Openai, fake.openai_tls_url());
+    cfg.retry.max_attempts = 1;
+    // System roots alone do not trust the test CA.
+    let (_u, up) = build(cfg.clone());
+    let err = up.generate(&request("x")).await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(UpstreamErrorKind::Connect));
+    assert_eq!(fake.request_count(), 0);
+
+    cfg.ca_file = Some(dir.join("ca.pem"));
+    let (_u, up) = build(cfg);
+    let res = up.generate(&request("secure")).await;
+    assert_eq!(res.map(|r| r.content).ok().as_deref(), Some("echo: secure"));
+    let stream = up.stream(&request("secure stream")).await;
+    let (deltas, done, err) = collect(stream.unwrap_or_else(|e| panic!("{e}"))).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(deltas.concat(), "echo: secure stream");
+    assert!(done.is_some());
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs.iter().all(|r| r.version == "HTTP/2.0"),
+        "ALPN should pick h2"
+    );
+}

@@ -12,7 +12,10 @@
 //! (stream cut after 3 frames), `[[fault:malformed]]`, `[[fault:drip:50]]` (50 ms between
 //! frames), `[[delay:200]]`, `[[chunks:5]]`.
 //!
-//! Self-contained (hyper, tokio, serde_json, futures-util, tokio-tungstenite, rand) so both the
+//! `start_tls` serves HTTPS (h2 + HTTP/1.1 via ALPN) for the TLS tests.
+//!
+//! Self-contained (hyper, tokio, serde_json, futures-util, tokio-tungstenite, rand, rustls,
+//! tokio-rustls) so both the
 //! tests and `examples/fake_upstream.rs` can include it with `#[path]`.
 #![allow(dead_code)]
 
@@ -100,6 +103,8 @@ pub struct RecordedRequest {
     pub method: String,
     /// Request path (`/ws` for WebSocket messages).
     pub path: String,
+    /// HTTP version, e.g. `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     /// Headers, lowercase names.
     pub headers: Vec<(String, String)>,
     /// Parsed JSON body (`Null` when not JSON); the `payload` for WebSocket messages.
@@ -181,6 +186,41 @@ impl FakeUpstream {
 
     /// Starts on the given address.
     pub async fn start_on(addr: SocketAddr) -> io::Result<FakeUpstream> {
+        Self::start_with(addr, None).await
+    }
+
+    /// Starts on an ephemeral 127.0.0.1 port serving HTTPS (h2 and HTTP/1.1 via ALPN) with the
+    /// given PEM certificate chain and key.
+    pub async fn start_tls(
+        cert_pem: &std::path::Path,
+        key_pem: &std::path::Path,
+    ) -> io::Result<FakeUpstream> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad =
+            |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+        let certs = CertificateDer::pem_file_iter(cert_pem)
+            .map_err(|e| bad(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| bad(&e))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(&e))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        Self::start_with(SocketAddr::from(([127, 0, 0, 1], 0)), Some(acceptor)).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<FakeUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -206,14 +246,16 @@ impl FakeUpstream {
                 };
                 let _ = tcp.set_nodelay(true);
                 let shared = Arc::clone(&srv);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let shared = Arc::clone(&shared);
-                        async move { handle(shared, req).await }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                        .await;
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_conn(shared, stream).await;
+                            }
+                        }
+                        None => serve_conn(shared, tcp).await,
+                    }
                 });
             }
         });
@@ -222,6 +264,11 @@ impl FakeUpstream {
             shared,
             _stop: stop_tx,
         })
+    }
+
+    /// Base URL for `openai` upstreams over TLS: `https://localhost:port/v1`.
+    pub fn openai_tls_url(&self) -> String {
+        format!("https://localhost:{}/v1", self.addr.port())
     }
 
     /// Base URL for `openai` upstreams: `http://addr/v1`.
@@ -302,6 +349,20 @@ impl FakeUpstream {
         s.latency = Latency::None;
         s.drip_ms = 0;
     }
+}
+
+/// Serves HTTP/1.1 and h2 (with upgrades, for the WebSocket) on one connection.
+async fn serve_conn<I>(shared: Arc<Shared>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { handle(shared, req).await }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
 }
 
 /// Per-request settings read from markers in the prompt.
@@ -448,6 +509,7 @@ async fn handle(
 ) -> Result<Response<Body>, io::Error> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    let version = format!("{:?}", req.version());
     if method == hyper::Method::GET && path.ends_with("/ws") {
         return Ok(upgrade_ws(shared, &mut req));
     }
@@ -481,6 +543,7 @@ async fn handle(
     let rec = RecordedRequest {
         method: method.to_string(),
         path: path.clone(),
+        version,
         headers,
         body: json.clone(),
         stream,
@@ -871,6 +934,7 @@ async fn serve_ws<S>(
         let rec = RecordedRequest {
             method: "WS".to_owned(),
             path: "/ws".to_owned(),
+            version: "HTTP/1.1".to_owned(),
             headers: headers.clone(),
             body: payload.clone(),
             stream: true,
