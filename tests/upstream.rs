@@ -886,3 +886,23 @@ async fn https_upstream_trusts_the_extra_ca_file_and_negotiates_h2() {
         "ALPN should pick h2"
     );
 }
+
+#[tokio::test]
+async fn websocket_stream_sends_heartbeats_while_silent() {
+    let fake = FakeUpstream::start().await;
+    fake.set_chunks(2);
+    fake.set_drip(120);
+    let mut cfg = config(UpstreamKind::Sillytavern, fake.st_url());
+    cfg.websocket.heartbeat_interval_ms = 40;
+    let (_u, up) = build(cfg);
+    let stream = up.stream(&request("slow one")).await;
+    let (deltas, done, err) = collect(stream.unwrap_or_else(|e| panic!("{e}"))).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(deltas.concat(), "echo: slow one");
+    assert!(done.is_some());
+    assert!(
+        fake.heartbeats_received() >= 2,
+        "{}",
+        fake.heartbeats_received()
+    );
+}

@@ -295,6 +295,8 @@ pub struct WebSocketConfig {
     /// Most reconnections after the first connection attempt (`maxReconnectAttempts`); bounds
     /// the retry loop's attempts for WebSocket streams.
     pub max_reconnect_attempts: u32,
+    /// How long the stream may be silent before Taproom sends a `heartbeat`; 0 disables.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for WebSocketConfig {
@@ -304,6 +306,7 @@ impl Default for WebSocketConfig {
             protocols: Vec::new(),
             reconnect_interval_ms: 1_000,
             max_reconnect_attempts: 5,
+            heartbeat_interval_ms: 15_000,
         }
     }
 }

@@ -174,7 +174,7 @@ pub struct UpstreamStatus {
     pub name: String,
     /// Protocol.
     pub kind: UpstreamKind,
-    /// Base URL (never carries the key).
+    /// Base URL, with any `user:password@` masked.
     pub url: String,
     /// Whether this is the default upstream.
     pub is_default: bool,
@@ -252,6 +252,8 @@ pub struct Upstream {
     name: String,
     kind: UpstreamKind,
     url: String,
+    /// `url` with any userinfo masked, for status output and `Debug`.
+    shown_url: String,
     model: String,
     timeout: Duration,
     client: transport::HttpClient,
@@ -270,7 +272,7 @@ impl std::fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("url", &self.url)
+            .field("url", &self.shown_url)
             .finish_non_exhaustive()
     }
 }
@@ -302,6 +304,7 @@ impl Upstream {
         Ok(Self {
             name: name.to_owned(),
             kind: cfg.kind,
+            shown_url: mask_userinfo(&url),
             url,
             model: cfg.model.clone(),
             timeout: cfg.timeout(),
@@ -597,7 +600,7 @@ impl Upstream {
         UpstreamStatus {
             name: self.name.clone(),
             kind: self.kind,
-            url: self.url.clone(),
+            url: self.shown_url.clone(),
             is_default,
             state: s.state,
             failures_in_window: s.failures_in_window,
@@ -606,6 +609,18 @@ impl Upstream {
             last_error: s.last_error,
             open_until,
         }
+    }
+}
+
+/// Masks `user:password@` in a URL: credentials there must not reach status output.
+fn mask_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{}", &rest[end..]),
+        None => url.to_owned(),
     }
 }
 
@@ -691,6 +706,24 @@ async fn step(state: Option<Live>) -> Step {
             }
             tracing::debug!(upstream = %live.name, error = %e, "upstream stream broke");
             Some((Err(e), None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_userinfo;
+
+    #[test]
+    fn userinfo_is_masked() {
+        let cases = [
+            ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
+            ("https://u:secret@host/v1", "https://***@host/v1"),
+            ("https://u:secret@host", "https://***@host"),
+            ("https://host/v1/a@b", "https://host/v1/a@b"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(mask_userinfo(url), want);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! SillyTavern API wire protocol from the spec: `POST {baseURL}/api/characters/{id}/generate`
 //! with `STGenerateRequest`/`STGenerateResponse`, and streaming over the WebSocket envelope
 //! `{type, id, payload, timestamp}` (`generate` out; `stream` deltas and a final `done` in;
-//! `control`/`cancel` out when the caller goes away; `heartbeat` both ways).
+//! `control`/`cancel` out when the caller goes away; `heartbeat` out while the stream is silent,
+//! and accepted in).
 
 use std::sync::Arc;
 
@@ -168,6 +169,7 @@ pub(crate) fn parse_response(
 #[derive(Debug)]
 pub(crate) struct WsTarget {
     url: String,
+    heartbeat: Option<std::time::Duration>,
     protocols: Option<HeaderValue>,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -200,8 +202,11 @@ impl WsTarget {
         };
         // The ALPN list stays empty: a WebSocket handshake is HTTP/1.1 only.
         let tls = url.starts_with("wss://").then(|| Arc::new(tls));
+        let heartbeat = (cfg.heartbeat_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(cfg.heartbeat_interval_ms));
         Ok(Self {
             url,
+            heartbeat,
             protocols,
             tls,
         })
@@ -239,6 +244,7 @@ impl WsTarget {
             .await
             .map_err(|e| UpstreamError::new(UpstreamErrorKind::Reset, upstream, error_chain(&e)))?;
         Ok(WsReader {
+            heartbeat: self.heartbeat,
             upstream: upstream.to_owned(),
             ws: Some(ws),
             id,
@@ -260,10 +266,20 @@ fn connect_error(upstream: &str, e: tokio_tungstenite::tungstenite::Error) -> Up
     }
 }
 
+fn heartbeat() -> String {
+    json!({
+        "type": "heartbeat",
+        "payload": {},
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+    .to_string()
+}
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Reads `stream` envelopes for one generation; sends `cancel` if dropped before `done`.
 pub(crate) struct WsReader {
+    heartbeat: Option<std::time::Duration>,
     upstream: String,
     /// `Option` so `Drop` can move the socket into a task that sends the cancel message.
     ws: Option<Ws>,
@@ -293,7 +309,19 @@ impl WsReader {
             let Some(ws) = self.ws.as_mut() else {
                 return Err(self.broken("stream already finished"));
             };
-            let msg = match ws.next().await {
+            let next = match self.heartbeat {
+                Some(every) => match tokio::time::timeout(every, ws.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Silence: show the server we are still here (the caller's idle
+                        // timeout, not this, decides when to give up).
+                        let _ = ws.send(Message::text(heartbeat())).await;
+                        continue;
+                    }
+                },
+                None => ws.next().await,
+            };
+            let msg = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     return Err(self.broken(format!("stream broke: {}", error_chain(&e))))
@@ -316,11 +344,8 @@ impl WsReader {
                 )
             })?;
             match env.kind.as_str() {
-                "heartbeat" => {
-                    let beat = json!({"type": "heartbeat", "payload": {}, "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)});
-                    let _ = ws.send(Message::text(beat.to_string())).await;
-                    continue;
-                }
+                // The server's heartbeat only proves it is alive; answering it could ping-pong forever.
+                "heartbeat" => continue,
                 "stream" if env.id.as_deref().is_none_or(|i| i == self.id) => {}
                 _ => continue,
             }

@@ -141,6 +141,7 @@ struct State {
     chunks: usize,
     drip_ms: u64,
     api_key: Option<String>,
+    heartbeats: usize,
 }
 
 struct Shared {
@@ -234,6 +235,7 @@ impl FakeUpstream {
                 chunks: 4,
                 drip_ms: 0,
                 api_key: None,
+                heartbeats: 0,
             }),
         });
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -294,6 +296,11 @@ impl FakeUpstream {
     /// Body of the latest request.
     pub fn last_body(&self) -> Option<Value> {
         self.shared.lock().requests.last().map(|r| r.body.clone())
+    }
+
+    /// WebSocket heartbeats received from clients.
+    pub fn heartbeats_received(&self) -> usize {
+        self.shared.lock().heartbeats
     }
 
     /// Forgets recorded requests.
@@ -918,6 +925,7 @@ async fn serve_ws<S>(
         };
         match v.get("type").and_then(Value::as_str) {
             Some("heartbeat") => {
+                shared.lock().heartbeats += 1;
                 let _ = ws.send(envelope("heartbeat", "", json!({}))).await;
                 continue;
             }
@@ -1009,6 +1017,10 @@ async fn serve_ws<S>(
                                 if t.as_str().contains("\"cancel\"") {
                                     cancelled = true;
                                     break;
+                                }
+                                if t.as_str().contains("\"heartbeat\"") {
+                                    shared.lock().heartbeats += 1;
+                                    let _ = ws.send(envelope("heartbeat", "", json!({}))).await;
                                 }
                             }
                             Some(Ok(_)) => {}
