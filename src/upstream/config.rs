@@ -28,6 +28,8 @@ pub struct UpstreamsConfig {
     pub default: String,
     /// Named upstreams, keyed by a short name used in logs and at `GET /api/admin/upstreams`.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// A bad `TAPROOM_UPSTREAM_*` value seen by `apply_env`, reported by `validate`.
+    env_error: Option<String>,
 }
 
 impl Default for UpstreamsConfig {
@@ -37,6 +39,7 @@ impl Default for UpstreamsConfig {
         Self {
             default: DEFAULT_UPSTREAM_NAME.to_owned(),
             upstreams,
+            env_error: None,
         }
     }
 }
@@ -79,7 +82,11 @@ impl<'de> Deserialize<'de> for UpstreamsConfig {
                     }
                     None => DEFAULT_UPSTREAM_NAME.to_owned(),
                 };
-                Ok(UpstreamsConfig { default, upstreams })
+                Ok(UpstreamsConfig {
+                    default,
+                    upstreams,
+                    env_error: None,
+                })
             }
         }
         de.deserialize_map(Visit)
@@ -335,9 +342,11 @@ impl UpstreamsConfig {
             match kind.trim().to_ascii_lowercase().as_str() {
                 "openai" => upstream.kind = UpstreamKind::Openai,
                 "sillytavern" => upstream.kind = UpstreamKind::Sillytavern,
-                // Leave the kind alone; `validate` cannot see the bad value, so make the URL
-                // invalid in a way that names the variable instead of silently ignoring it.
-                other => upstream.url = format!("invalid TAPROOM_UPSTREAM_KIND {other:?}"),
+                other => {
+                    self.env_error = Some(format!(
+                        "TAPROOM_UPSTREAM_KIND: {other:?} is not a kind; use openai or sillytavern"
+                    ))
+                }
             }
         }
         if let Some(url) = env.get("TAPROOM_UPSTREAM_URL") {
@@ -353,6 +362,9 @@ impl UpstreamsConfig {
 
     /// Checks every upstream; the error names the offending key, e.g. `upstreams.main.url: ...`.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(e) = &self.env_error {
+            return Err(e.clone());
+        }
         if !self.upstreams.contains_key(&self.default) {
             return Err(format!(
                 "upstreams.default: {:?} is not a configured upstream; add [upstreams.{}] or change the default",
@@ -514,6 +526,15 @@ mod tests {
         assert_eq!(main.api_key.expose(), "sk-secret");
         assert_eq!(main.model, "m");
         assert!(!format!("{cfg:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn bad_env_kind_is_reported_by_validate() {
+        let mut cfg = UpstreamsConfig::default();
+        let env = HashMap::from([("TAPROOM_UPSTREAM_KIND".to_owned(), "kobold".to_owned())]);
+        cfg.apply_env(&env);
+        let err = cfg.validate().err().unwrap_or_default();
+        assert!(err.starts_with("TAPROOM_UPSTREAM_KIND"), "{err}");
     }
 
     #[test]

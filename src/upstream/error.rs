@@ -207,8 +207,8 @@ impl UpstreamError {
         }
     }
 
-    /// Message without the upstream prefix, for status output.
-    pub(crate) fn message(&self) -> &str {
+    /// Message without the `upstream <name>:` prefix, for the error envelope's `message`.
+    pub fn message(&self) -> &str {
         &self.message
     }
 }
