@@ -474,15 +474,12 @@ async fn breaker_opens_at_the_threshold_and_fails_fast_without_the_network() {
     assert_eq!(json["state"], json!("open"));
     assert!(json.get("failuresInWindow").is_some() && json.get("openUntil").is_some());
 
+    let mut took = Vec::new();
     for _ in 0..20 {
         let started = Instant::now();
         let err = up.generate(&request("x")).await.err();
-        let elapsed = started.elapsed();
+        took.push(started.elapsed());
         let err = err.unwrap_or_else(|| panic!("expected error"));
-        assert!(
-            elapsed < Duration::from_millis(5),
-            "fail-fast took {elapsed:?}"
-        );
         assert_eq!(err.kind(), UpstreamErrorKind::CircuitOpen);
         assert_eq!(
             (err.spec_code(), err.http_status()),
@@ -494,6 +491,17 @@ async fn breaker_opens_at_the_threshold_and_fails_fast_without_the_network() {
             "{ra:?}"
         );
     }
+    // Fail-fast is microseconds; on a shared 2-core machine one call in twenty may still be
+    // descheduled for a few ms, so require 19 of 20 under 5 ms and none anywhere near a request.
+    took.sort();
+    assert!(
+        took[18] < Duration::from_millis(5),
+        "fail-fast took {took:?}"
+    );
+    assert!(
+        took[19] < Duration::from_millis(50),
+        "fail-fast took {took:?}"
+    );
     assert_eq!(
         fake.request_count(),
         3,
