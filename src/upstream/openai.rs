@@ -151,30 +151,37 @@ struct Delta {
     content: Option<String>,
 }
 
-/// Reads SSE frames from a streaming completion and assembles the final result as it goes.
-pub(crate) struct SseReader {
+/// Assembles the final result from SSE lines; separate from the body so it is testable alone.
+#[derive(Default)]
+pub(crate) struct SseState {
     upstream: String,
-    body: hyper::body::Incoming,
-    buf: BytesMut,
     result: GenerateResult,
     saw_done: bool,
+}
+
+/// Reads SSE frames from a streaming completion and assembles the final result as it goes.
+pub(crate) struct SseReader {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+    state: SseState,
     started: Instant,
 }
 
 impl SseReader {
     pub(crate) fn new(upstream: &str, body: hyper::body::Incoming, started: Instant) -> Self {
         Self {
-            upstream: upstream.to_owned(),
             body,
             buf: BytesMut::new(),
-            result: GenerateResult::default(),
-            saw_done: false,
+            state: SseState {
+                upstream: upstream.to_owned(),
+                ..SseState::default()
+            },
             started,
         }
     }
 
     fn broken(&self, msg: impl Into<String>) -> UpstreamError {
-        UpstreamError::new(UpstreamErrorKind::StreamBroken, &self.upstream, msg)
+        UpstreamError::new(UpstreamErrorKind::StreamBroken, &self.state.upstream, msg)
     }
 
     /// The next delta, or `Done` once the body ends after `[DONE]` or a finish reason.
@@ -182,7 +189,7 @@ impl SseReader {
         loop {
             while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 let line = self.buf.split_to(pos + 1);
-                if let Some(delta) = self.handle_line(&line)? {
+                if let Some(delta) = self.state.line(&line)? {
                     return Ok(StreamEvent::Delta(delta));
                 }
             }
@@ -207,12 +214,12 @@ impl SseReader {
                     // A last line without a trailing newline still counts.
                     if !self.buf.is_empty() {
                         let line = self.buf.split();
-                        if let Some(delta) = self.handle_line(&line)? {
+                        if let Some(delta) = self.state.line(&line)? {
                             return Ok(StreamEvent::Delta(delta));
                         }
                     }
-                    if self.saw_done || !self.result.finish_reason.is_empty() {
-                        let mut result = std::mem::take(&mut self.result);
+                    if self.state.saw_done || !self.state.result.finish_reason.is_empty() {
+                        let mut result = std::mem::take(&mut self.state.result);
                         if result.finish_reason.is_empty() {
                             result.finish_reason = "stop".to_owned();
                         }
@@ -224,9 +231,11 @@ impl SseReader {
             }
         }
     }
+}
 
+impl SseState {
     /// Handles one SSE line; returns a non-empty delta to emit.
-    fn handle_line(&mut self, line: &[u8]) -> Result<Option<String>, UpstreamError> {
+    fn line(&mut self, line: &[u8]) -> Result<Option<String>, UpstreamError> {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
@@ -266,5 +275,51 @@ impl SseReader {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_lines_assemble_the_result() {
+        let lines: &[&[u8]] = &[
+            b": keep-alive comment\n",
+            b"event: message\r\n",
+            b"data: {\"model\":\"m1\",\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\r\n",
+            b"\r\n",
+            b"data:{\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"length\"}]}\n",
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n",
+            b"data: [DONE]\n",
+        ];
+        let mut st = SseState::default();
+        let mut deltas = Vec::new();
+        for l in lines {
+            match st.line(l) {
+                Ok(Some(d)) => deltas.push(d),
+                Ok(None) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(deltas, ["Hel", "lo"]);
+        assert!(st.saw_done);
+        assert_eq!(st.result.content, "Hello");
+        assert_eq!(st.result.model, "m1");
+        assert_eq!(st.result.finish_reason, "length");
+        assert_eq!(st.result.usage.total_tokens, 5);
+        assert!(st.line(b"data: {nope\n").is_err());
+    }
+
+    #[test]
+    fn completion_body_parses_and_rejects_garbage() {
+        let ok = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let r = parse_response("u", ok).unwrap_or_default();
+        assert_eq!((r.content.as_str(), r.usage.total_tokens), ("hi", 2));
+        for bad in [&b"<html>"[..], b"{}", br#"{"choices":[]}"#] {
+            let e = parse_response("u", bad).err();
+            assert_eq!(e.map(|e| e.spec_code()), Some("ST_GENERATION_FAILED"));
+        }
     }
 }

@@ -408,3 +408,45 @@ impl Drop for WsReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_uri_encodes_the_character_id() {
+        let cases = [
+            ("abc-123", "http://h/api/characters/abc-123/generate"),
+            ("a b/c?", "http://h/api/characters/a%20b%2Fc%3F/generate"),
+            ("é", "http://h/api/characters/%C3%A9/generate"),
+        ];
+        for (id, want) in cases {
+            let got = generate_uri("http://h", id).map(|u| u.to_string());
+            assert_eq!(got.as_deref(), Ok(want));
+        }
+    }
+
+    #[test]
+    fn ws_url_is_derived_from_the_base_url() {
+        let tls = || {
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| {
+                b.with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            })
+        };
+        let cfg = WebSocketConfig::default();
+        for (base, want) in [
+            ("http://h:8000", "ws://h:8000/ws"),
+            ("https://h/st", "wss://h/st/ws"),
+        ] {
+            let t = tls()
+                .map_err(|e| e.to_string())
+                .and_then(|c| WsTarget::new(base, &cfg, c));
+            assert_eq!(t.map(|t| t.url).as_deref(), Ok(want));
+        }
+    }
+}
