@@ -16,6 +16,8 @@
 //! - `store`: the only module that knows redb; index tables and caches.
 //! - `model`: the spec's Character, lorebook, conversation and message types.
 //! - `server`: builds the state and serves with graceful shutdown.
+//! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
+//!   circuit breaker. The only module that knows the upstream protocols.
 
 pub mod auth;
 pub mod characters;
@@ -29,3 +31,6 @@ pub mod prompt;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod upstream;
+//! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
+//!   circuit breaker. The only module that knows the upstream protocols.

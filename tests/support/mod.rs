@@ -3,3 +3,4 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod fake_upstream;
