@@ -32,5 +32,3 @@ pub mod server;
 pub mod store;
 pub mod time;
 pub mod upstream;
-//! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
-//!   circuit breaker. The only module that knows the upstream protocols.
