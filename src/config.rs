@@ -35,6 +35,38 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    pub prompt: PromptConfig,
+    /// Named upstreams (`[upstreams]`), see `config/taproom.toml`.
+    pub upstreams: crate::upstream::UpstreamsConfig,
+}
+
+/// Prompt building.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptConfig {
+    /// The model's context window in tokens.
+    pub max_context_tokens: usize,
+    /// Tokens reserved for the reply (also the default `max_tokens` sent upstream).
+    pub max_reply_tokens: usize,
+    /// Main system prompt; a card's `system_prompt` replaces it (`{{original}}` = this).
+    pub main_prompt: String,
+    /// Default post-history instructions (empty = none).
+    pub post_history_instructions: String,
+    /// Lorebook budget in percent of the prompt budget, unless the book sets `token_budget`.
+    pub world_info_budget_percent: u32,
+}
+
+impl Default for PromptConfig {
+    fn default() -> Self {
+        let options = crate::prompt::assemble::PromptOptions::default();
+        Self {
+            max_context_tokens: 8192,
+            max_reply_tokens: 512,
+            main_prompt: options.main_prompt,
+            post_history_instructions: options.post_history_instructions,
+            world_info_budget_percent: options.world_info_budget_percent,
+        }
+    }
 }
 
 /// HTTP server behaviour.
@@ -98,6 +130,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            prompt: PromptConfig::default(),
+            upstreams: crate::upstream::UpstreamsConfig::default(),
         }
     }
 }
@@ -204,6 +238,7 @@ impl Config {
         if let Some(v) = env.get("TAPROOM_LOG") {
             self.log = v.clone();
         }
+        self.upstreams.apply_env(env);
         Ok(())
     }
 
@@ -220,6 +255,22 @@ impl Config {
         }
         if self.limits.max_avatar_bytes == 0 {
             return Err(invalid("limits.max_avatar_bytes", "must be greater than 0"));
+        }
+        if self.prompt.max_reply_tokens >= self.prompt.max_context_tokens {
+            return Err(invalid(
+                "prompt.max_reply_tokens",
+                "must be smaller than prompt.max_context_tokens",
+            ));
+        }
+        if self.prompt.world_info_budget_percent > 100 {
+            return Err(invalid(
+                "prompt.world_info_budget_percent",
+                "must be 0..=100",
+            ));
+        }
+        if let Err(message) = self.upstreams.validate() {
+            let (key, why) = message.split_once(": ").unwrap_or(("upstreams", &message));
+            return Err(invalid(key, why));
         }
         let alg = self.auth.algorithm.as_str();
         if !matches!(

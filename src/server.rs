@@ -6,7 +6,10 @@ use crate::characters::CharacterService;
 use crate::config::{Config, ConfigError};
 use crate::conversations::ConversationService;
 use crate::http::{self, AppState};
+use crate::interact::InteractService;
+use crate::prompt::tokens::Tokenizer;
 use crate::store::{Store, StoreError};
+use crate::upstream::Upstreams;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +23,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot load the tokenizer: {0}")]
+    Tokenizer(String),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -30,8 +35,25 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
     let auth = Authenticator::from_config(&config.auth, &config.data_dir)?;
     let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
     let characters = CharacterService::new(store.clone(), config.limits.clone());
-    let conversations = ConversationService::new(store, characters.clone());
+    let conversations = ConversationService::new(store.clone(), characters.clone());
+    let upstreams =
+        Arc::new(
+            Upstreams::new(&config.upstreams).map_err(|e| ConfigError::Invalid {
+                key: "upstreams".into(),
+                message: e.to_string(),
+            })?,
+        );
+    let tokenizer = Tokenizer::cl100k().map_err(|e| StartError::Tokenizer(e.to_string()))?;
+    let interact = InteractService::new(
+        store,
+        characters.clone(),
+        conversations.clone(),
+        upstreams,
+        tokenizer,
+        config.prompt.clone(),
+    );
     Ok(AppState {
+        interact,
         config: Arc::new(config),
         auth: Arc::new(auth),
         characters,

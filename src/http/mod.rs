@@ -4,6 +4,7 @@
 pub mod characters;
 pub mod conversations;
 pub mod extract;
+pub mod interact;
 pub mod request_id;
 
 use crate::auth::Authenticator;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub characters: CharacterService,
     pub conversations: ConversationService,
+    pub interact: crate::interact::InteractService,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
 }
@@ -81,6 +83,15 @@ pub fn router(state: AppState) -> Router {
             "/api/conversations/{cid}/messages/{mid}/swipe",
             axum::routing::put(conversations::choose_swipe),
         )
+        .route(
+            "/api/characters/{id}/interact",
+            axum::routing::post(interact::interact),
+        )
+        .route(
+            "/api/conversations/{cid}/regenerate",
+            axum::routing::post(interact::regenerate),
+        )
+        .route("/api/admin/upstreams", get(interact::admin_upstreams))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(state);

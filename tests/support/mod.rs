@@ -4,3 +4,4 @@
 
 pub mod app;
 pub mod fake_upstream;
+pub mod sse;

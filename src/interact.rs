@@ -1,0 +1,856 @@
+//! Talking to a character: one turn is prepare (load or start the conversation, append the
+//! user message, assemble the SillyTavern prompt) → generate (upstream, whole or streamed) →
+//! finish (store the reply with the updated lorebook state, usage and statistics).
+//!
+//! The user message commit runs concurrently with the upstream call, so it never sits between
+//! the first token and the client; if the upstream fails, the user message stays and the
+//! conversation remains valid.
+
+use crate::auth::User;
+use crate::characters::{blocking, CharacterService};
+use crate::config::PromptConfig;
+use crate::conversations::{char_display_name, new_message, ConversationService};
+use crate::error::{ApiError, ErrorCode};
+use crate::model::{Character, Conversation, MessageRole, StoredMessage, TokenUsage};
+use crate::prompt::assemble::{
+    self, AssembledPrompt, Budget, ExtraSection, MemoryBlock, PromptInput, PromptOptions,
+};
+use crate::prompt::lorebook::{CompiledLorebook, LoreState};
+use crate::prompt::tokens::Tokenizer;
+use crate::prompt::{HistoryMessage, Role};
+use crate::store::{self, History, IdempotentRecord, Store};
+use crate::upstream::{
+    ChatMessage, GenParams, GenerateRequest, GenerateResult, Upstream, UpstreamError, UpstreamKind,
+    Upstreams,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest user message accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The spec's InteractionParameters, plus Taproom's extras.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InteractParams {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
+    /// `{{user}}`; default the JWT's `name` claim, else "User".
+    pub user_name: Option<String>,
+    /// The user persona description.
+    pub persona: Option<String>,
+    /// A named upstream instead of the default.
+    pub upstream: Option<String>,
+    pub model: Option<String>,
+    /// Stream the reply (SSE on the HTTP endpoint).
+    #[serde(default)]
+    pub stream: bool,
+    /// Return the prompt that would be sent, without calling the upstream or storing anything.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// For a new conversation: 0 = `firstMes`, n = the n-th alternate greeting.
+    pub greeting_index: Option<usize>,
+}
+
+/// One user turn.
+#[derive(Debug, Clone)]
+pub struct TurnInput {
+    pub character_id: String,
+    pub message: String,
+    pub conversation_id: Option<String>,
+    pub params: InteractParams,
+    pub idempotency_key: Option<String>,
+}
+
+/// Where a generated reply goes.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplyTarget {
+    /// A new character message at this seq.
+    NewMessage(u64),
+    /// A new swipe on the existing character message at this seq (regenerate).
+    Swipe(u64),
+}
+
+/// Everything prepared for one generation.
+pub struct Prepared {
+    pub user: User,
+    pub character: Arc<Character>,
+    /// The conversation as stored after the user message (and greeting) are saved.
+    pub conversation: Conversation,
+    /// The stored record it replaces (None for a new conversation).
+    pub previous: Option<Conversation>,
+    /// Messages to store before generating (greeting, user message).
+    pub pending: Vec<StoredMessage>,
+    pub prompt: AssembledPrompt,
+    pub request: GenerateRequest,
+    pub upstream: Arc<Upstream>,
+    pub target: ReplyTarget,
+    /// The message a swipe is added to (regenerate).
+    pub swipe_base: Option<StoredMessage>,
+    pub idempotency: Option<(String, u64)>,
+}
+
+/// How a generation ended, for storage.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub content: String,
+    pub model: String,
+    pub usage: TokenUsage,
+    pub finish_reason: String,
+    pub character_state: Option<Value>,
+    pub generation_time_ms: u64,
+}
+
+impl From<GenerateResult> for Generated {
+    fn from(r: GenerateResult) -> Self {
+        Self {
+            content: r.content,
+            model: r.model,
+            usage: TokenUsage {
+                prompt_tokens: r.usage.prompt_tokens,
+                completion_tokens: r.usage.completion_tokens,
+                total_tokens: r.usage.total_tokens,
+            },
+            finish_reason: r.finish_reason,
+            character_state: r.character_state,
+            generation_time_ms: r.generation_time_ms,
+        }
+    }
+}
+
+/// The interaction service.
+#[derive(Clone)]
+pub struct InteractService {
+    store: Store,
+    characters: CharacterService,
+    conversations: ConversationService,
+    upstreams: Arc<Upstreams>,
+    tokenizer: Arc<Tokenizer>,
+    prompt: PromptConfig,
+    /// Compiled lorebooks per (character, version): compiling a big book takes tens of ms.
+    lorebooks: moka::sync::Cache<(u128, u64), Arc<Option<CompiledLorebook>>>,
+    /// Serialises requests carrying the same (user, Idempotency-Key).
+    inflight: moka::sync::Cache<(String, String), Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// Converts an upstream failure into the API error.
+pub fn upstream_error(e: UpstreamError) -> ApiError {
+    let code = match e.spec_code() {
+        "ST_API_UNAVAILABLE" => ErrorCode::StApiUnavailable,
+        "ST_API_AUTH_FAILED" => ErrorCode::StApiAuthFailed,
+        "ST_API_RATE_LIMITED" => ErrorCode::StApiRateLimited,
+        "ST_GENERATION_FAILED" => ErrorCode::StGenerationFailed,
+        "TIMEOUT" => ErrorCode::Timeout,
+        _ => ErrorCode::ValidationError,
+    };
+    let mut err = ApiError::new(code, e.message().to_string());
+    if let Some(d) = e.details() {
+        err = err.with_details(d);
+    }
+    if let Some(after) = e.retry_after() {
+        err = err.with_retry_after(after);
+    }
+    err
+}
+
+fn role_of(m: &StoredMessage) -> Role {
+    match m.role {
+        MessageRole::User => Role::User,
+        MessageRole::Character => Role::Assistant,
+        MessageRole::System => Role::System,
+    }
+}
+
+fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    }
+}
+
+impl InteractService {
+    /// Builds the service.
+    pub fn new(
+        store: Store,
+        characters: CharacterService,
+        conversations: ConversationService,
+        upstreams: Arc<Upstreams>,
+        tokenizer: Arc<Tokenizer>,
+        prompt: PromptConfig,
+    ) -> Self {
+        Self {
+            store,
+            characters,
+            conversations,
+            upstreams,
+            tokenizer,
+            prompt,
+            lorebooks: moka::sync::Cache::builder().max_capacity(256).build(),
+            inflight: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// The upstream registry.
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    /// The shared tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    fn lorebook(&self, c: &Character) -> Arc<Option<CompiledLorebook>> {
+        let key = (store::parse_id(&c.id).unwrap_or(0), c.version);
+        self.lorebooks.get_with(key, || {
+            Arc::new(CompiledLorebook::for_character(c, &self.tokenizer))
+        })
+    }
+
+    /// A character the caller may talk to.
+    pub fn interactable(&self, id: &str, user: &User) -> Result<Arc<Character>, ApiError> {
+        let c = self.characters.get(id, Some(user))?;
+        if !c.is_active {
+            return Err(ApiError::character_access_denied(format!(
+                "character {id} is inactive; its owner must reactivate it before chatting"
+            )));
+        }
+        Ok(c)
+    }
+
+    /// A previously stored result for this Idempotency-Key, or a lock guard to hold while this
+    /// request runs. A key reused with a different request is refused.
+    pub async fn idempotency_begin(
+        &self,
+        user: &User,
+        key: &str,
+        request_hash: u64,
+    ) -> Result<(Option<Value>, tokio::sync::OwnedMutexGuard<()>), ApiError> {
+        if key.is_empty() || key.len() > 255 {
+            return Err(ApiError::validation(
+                "Idempotency-Key",
+                "must be 1..=255 characters",
+            ));
+        }
+        let lock = self
+            .inflight
+            .get_with((user.id.clone(), key.to_string()), || {
+                Arc::new(tokio::sync::Mutex::new(()))
+            });
+        let guard = lock.lock_owned().await;
+        let store = self.store.clone();
+        let (uid, k) = (user.id.clone(), key.to_string());
+        let found = blocking(move || store.idempotent(&uid, &k)).await?;
+        match found {
+            Some(r) if r.request_hash == request_hash => Ok((Some(r.response), guard)),
+            Some(_) => Err(ApiError::new(
+                ErrorCode::VersionConflict,
+                "Idempotency-Key was already used for a different request",
+            )),
+            None => Ok((None, guard)),
+        }
+    }
+
+    /// Remembers the response of an idempotent request.
+    pub async fn idempotency_store(
+        &self,
+        user: &User,
+        key: &str,
+        request_hash: u64,
+        response: &Value,
+    ) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let record = IdempotentRecord {
+            request_hash,
+            response: response.clone(),
+            created_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let (uid, k) = (user.id.clone(), key.to_string());
+        blocking(move || store.put_idempotent(&uid, &k, &record)).await?;
+        Ok(())
+    }
+
+    /// Prepares a user turn: conversation, user message, prompt, upstream request.
+    pub fn prepare_turn(&self, user: &User, input: &TurnInput) -> Result<Prepared, ApiError> {
+        let character = self.interactable(&input.character_id, user)?;
+        let message = input.message.trim_end();
+        if message.trim().is_empty() {
+            return Err(ApiError::validation("message", "must not be empty"));
+        }
+        if message.len() > MAX_MESSAGE_BYTES {
+            return Err(ApiError::validation(
+                "message",
+                format!("must be at most {MAX_MESSAGE_BYTES} bytes"),
+            ));
+        }
+        let requested_name = input
+            .params
+            .user_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty());
+        let (previous, mut conversation, mut messages, mut pending) = match &input.conversation_id {
+            Some(cid) => {
+                let h = self.conversations.load_owned(cid, user)?;
+                if h.conversation.character_id != character.id {
+                    return Err(ApiError::validation(
+                        "conversationId",
+                        "belongs to another character",
+                    ));
+                }
+                (
+                    Some(h.conversation.clone()),
+                    h.conversation.clone(),
+                    h.messages.clone(),
+                    Vec::new(),
+                )
+            }
+            None => {
+                let name = requested_name
+                    .map(str::to_string)
+                    .or_else(|| user.name.clone())
+                    .unwrap_or_else(|| "User".into());
+                let (conv, greeting) = self.conversations.start(
+                    user,
+                    &character,
+                    &name,
+                    input.params.greeting_index.unwrap_or(0),
+                )?;
+                (None, conv, greeting.clone(), greeting)
+            }
+        };
+        if let Some(name) = requested_name {
+            conversation.user_name = name.to_string();
+        }
+        let user_name = conversation.user_name.clone();
+        let seq = next_seq(&conversation, &messages);
+        let mut user_message = new_message(seq, MessageRole::User, &user_name, message.to_string());
+        user_message.tokens = Some(self.tokenizer.count(&user_message.content) as u32);
+        messages.push(user_message.clone());
+        pending.push(user_message);
+        let now = crate::time::now_rfc3339();
+        conversation.last_activity = now;
+        conversation.message_count = messages.len() as u64;
+        conversation.next_seq = seq + 1;
+
+        let prompt = self.assemble(
+            &character,
+            &conversation,
+            &messages,
+            &input.params,
+            &[],
+            None,
+        )?;
+        let upstream = self
+            .upstreams
+            .get(input.params.upstream.as_deref())
+            .map_err(upstream_error)?;
+        let request = self.build_request(
+            &character,
+            &conversation,
+            &prompt,
+            &upstream,
+            &input.params,
+            message,
+        );
+        Ok(Prepared {
+            user: user.clone(),
+            character,
+            conversation,
+            previous,
+            pending,
+            prompt,
+            request,
+            upstream,
+            target: ReplyTarget::NewMessage(seq + 1),
+            swipe_base: None,
+            idempotency: None,
+        })
+    }
+
+    /// Prepares a regeneration of the conversation's last character reply (a new swipe).
+    pub fn prepare_regenerate(
+        &self,
+        user: &User,
+        cid: &str,
+        params: &InteractParams,
+    ) -> Result<Prepared, ApiError> {
+        let h = self.conversations.load_owned(cid, user)?;
+        let character = self.interactable(&h.conversation.character_id, user)?;
+        let Some(last) = h.messages.last() else {
+            return Err(ApiError::validation(
+                "conversation",
+                "has no messages to regenerate",
+            ));
+        };
+        if last.role != MessageRole::Character {
+            return Err(ApiError::validation(
+                "conversation",
+                "the last message is not a character reply; send a message instead",
+            ));
+        }
+        let earlier: Vec<StoredMessage> = h.messages[..h.messages.len() - 1].to_vec();
+        let user_input = earlier
+            .iter()
+            .rev()
+            .find(|m| m.role == MessageRole::User)
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let mut conversation = h.conversation.clone();
+        conversation.last_activity = crate::time::now_rfc3339();
+        let prompt = self.assemble(&character, &conversation, &earlier, params, &[], None)?;
+        let upstream = self
+            .upstreams
+            .get(params.upstream.as_deref())
+            .map_err(upstream_error)?;
+        let request = self.build_request(
+            &character,
+            &conversation,
+            &prompt,
+            &upstream,
+            params,
+            &user_input,
+        );
+        Ok(Prepared {
+            user: user.clone(),
+            character,
+            conversation,
+            previous: Some(h.conversation.clone()),
+            pending: Vec::new(),
+            prompt,
+            request,
+            upstream,
+            target: ReplyTarget::Swipe(last.seq),
+            swipe_base: Some(last.clone()),
+            idempotency: None,
+        })
+    }
+
+    /// Assembles the prompt for `messages` (oldest first, the new user message last).
+    pub fn assemble(
+        &self,
+        character: &Character,
+        conversation: &Conversation,
+        messages: &[StoredMessage],
+        params: &InteractParams,
+        extra_sections: &[ExtraSection],
+        memory: Option<&MemoryBlock>,
+    ) -> Result<AssembledPrompt, ApiError> {
+        let history: Vec<HistoryMessage> = messages
+            .iter()
+            .map(|m| HistoryMessage {
+                role: role_of(m),
+                name: m.name.clone(),
+                content: m.content.clone(),
+                tokens: m.tokens.map(|t| t as usize),
+            })
+            .collect();
+        let lore_state: LoreState = if conversation.lore_state.is_null() {
+            LoreState::default()
+        } else {
+            serde_json::from_value(conversation.lore_state.clone()).unwrap_or_default()
+        };
+        let lorebook = self.lorebook(character);
+        let max_reply = params
+            .max_tokens
+            .map(|t| t as usize)
+            .unwrap_or(self.prompt.max_reply_tokens)
+            .min(self.prompt.max_context_tokens.saturating_sub(1));
+        let options = PromptOptions {
+            main_prompt: self.prompt.main_prompt.clone(),
+            post_history_instructions: self.prompt.post_history_instructions.clone(),
+            world_info_budget_percent: self.prompt.world_info_budget_percent,
+        };
+        let input = PromptInput {
+            character,
+            lorebook: lorebook.as_ref().as_ref(),
+            user_name: &conversation.user_name,
+            persona: params.persona.as_deref().unwrap_or(""),
+            history: &history,
+            memory,
+            budget: Budget {
+                max_context_tokens: self.prompt.max_context_tokens,
+                max_reply_tokens: max_reply,
+            },
+            lore_state: &lore_state,
+            rng_seed: rand::random(),
+            conversation_seed: conversation.seed,
+            now: chrono::Utc::now().fixed_offset(),
+            extra_sections,
+            options: &options,
+        };
+        Ok(assemble::assemble(&input, &self.tokenizer))
+    }
+
+    fn build_request(
+        &self,
+        character: &Character,
+        conversation: &Conversation,
+        prompt: &AssembledPrompt,
+        upstream: &Upstream,
+        params: &InteractParams,
+        user_input: &str,
+    ) -> GenerateRequest {
+        let messages: Vec<ChatMessage> = prompt
+            .messages
+            .iter()
+            .map(|m| ChatMessage::new(role_str(m.role), m.content.clone()))
+            .collect();
+        let (history, override_settings) = if upstream.kind() == UpstreamKind::Sillytavern {
+            let split = assemble::to_sillytavern(prompt);
+            // The last user turn travels as `userInput`, so it is not repeated in `history`.
+            let mut history: Vec<ChatMessage> = split
+                .history
+                .iter()
+                .map(|m| ChatMessage::new(role_str(m.role), m.content.clone()))
+                .collect();
+            if history
+                .last()
+                .is_some_and(|m| m.role == "user" && m.content == user_input)
+            {
+                history.pop();
+            }
+            let p = &character.personality;
+            let settings = json!({
+                "systemPrompt": split.system_prompt,
+                "userName": conversation.user_name,
+                "persona": params.persona,
+                "character": {
+                    "id": character.id,
+                    "name": character.name,
+                    "nickname": p.nickname,
+                    "description": character.description,
+                    "personality": p.personality,
+                    "scenario": character.scenario,
+                    "firstMes": character.first_mes,
+                    "mesExample": character.mes_example,
+                    "systemPrompt": p.system_prompt,
+                    "postHistoryInstructions": p.post_history_instructions,
+                    "alternateGreetings": p.alternate_greetings,
+                    "tags": character.tags,
+                },
+                "characterState": conversation.character_state,
+            });
+            (history, Some(settings))
+        } else {
+            (Vec::new(), None)
+        };
+        GenerateRequest {
+            character_id: character.id.clone(),
+            messages,
+            user_input: user_input.to_string(),
+            history,
+            params: GenParams {
+                temperature: params.temperature,
+                top_p: params.top_p,
+                top_k: params.top_k,
+                max_tokens: Some(
+                    params
+                        .max_tokens
+                        .unwrap_or(self.prompt.max_reply_tokens as u32),
+                ),
+                stop: params.stop.clone().unwrap_or_default(),
+                model: params.model.clone(),
+            },
+            override_settings,
+        }
+    }
+
+    /// The dry-run answer: the exact messages, per-section tokens and lorebook report.
+    pub fn dry_run_json(&self, p: &Prepared) -> Value {
+        json!({
+            "dryRun": true,
+            "conversationId": p.previous.as_ref().map(|c| c.id.clone()),
+            "upstream": p.upstream.name(),
+            "model": p.request.params.model.clone().unwrap_or_else(|| p.upstream.default_model().to_string()),
+            "messages": p.request.messages,
+            "request": p.request,
+            "itemization": p.prompt.itemization,
+        })
+    }
+
+    /// Stores the user message (and greeting) of a prepared turn.
+    pub async fn save_pending(&self, p: &Prepared) -> Result<Arc<History>, ApiError> {
+        self.conversations
+            .save(
+                p.conversation.clone(),
+                p.previous.clone(),
+                p.pending.clone(),
+                vec![],
+                0,
+            )
+            .await
+    }
+
+    /// Stores a generated (or partial) reply and returns the stored message and history.
+    pub async fn finish(
+        &self,
+        p: &Prepared,
+        generated: Generated,
+    ) -> Result<(StoredMessage, Arc<History>), ApiError> {
+        let mut conversation = p.conversation.clone();
+        conversation.lore_state =
+            serde_json::to_value(&p.prompt.itemization.lore_state).unwrap_or(Value::Null);
+        if generated.character_state.is_some() {
+            conversation.character_state = generated.character_state.clone();
+        }
+        conversation.last_activity = crate::time::now_rfc3339();
+        let tokens = self.tokenizer.count(&generated.content) as u32;
+        let usage = if generated.usage.total_tokens > 0 {
+            generated.usage
+        } else {
+            let prompt_tokens = p.prompt.itemization.total_tokens as u64;
+            TokenUsage {
+                prompt_tokens,
+                completion_tokens: u64::from(tokens),
+                total_tokens: prompt_tokens + u64::from(tokens),
+            }
+        };
+        let char_name = char_display_name(&p.character).to_string();
+        let message = match p.target {
+            ReplyTarget::NewMessage(seq) => {
+                let mut m = new_message(
+                    seq,
+                    MessageRole::Character,
+                    &char_name,
+                    generated.content.clone(),
+                );
+                conversation.message_count += 1;
+                conversation.next_seq = conversation.next_seq.max(seq + 1);
+                m.generated = true;
+                m.model = Some(generated.model.clone());
+                m.usage = Some(usage);
+                m.finish_reason = Some(generated.finish_reason.clone());
+                m.tokens = Some(tokens);
+                m
+            }
+            ReplyTarget::Swipe(_) => {
+                let mut m = p
+                    .swipe_base
+                    .clone()
+                    .ok_or_else(|| ApiError::internal("regenerate without a base message"))?;
+                if m.swipes.is_empty() {
+                    m.swipes.push(m.content.clone());
+                }
+                m.swipes.push(generated.content.clone());
+                m.swipe_id = m.swipes.len() - 1;
+                m.content = generated.content.clone();
+                m.timestamp = crate::time::now_rfc3339();
+                m.generated = true;
+                m.model = Some(generated.model.clone());
+                m.usage = Some(usage);
+                m.finish_reason = Some(generated.finish_reason.clone());
+                m.tokens = Some(tokens);
+                m
+            }
+        };
+        // The user message was saved by `save_pending`; this save replaces that record.
+        let mut previous = p.conversation.clone();
+        if matches!(p.target, ReplyTarget::Swipe(_)) {
+            previous = p.previous.clone().unwrap_or(previous);
+        }
+        let history = self
+            .conversations
+            .save(
+                conversation,
+                Some(previous),
+                vec![message.clone()],
+                vec![],
+                1,
+            )
+            .await?;
+        Ok((message, history))
+    }
+
+    /// A whole (non-streaming) turn or regeneration: save the user message while generating,
+    /// then store the reply. Returns the spec's CharacterInteractionResponse.
+    pub async fn run(&self, p: Prepared) -> Result<Value, ApiError> {
+        let (saved, generated) = tokio::join!(
+            async {
+                if p.pending.is_empty() {
+                    Ok(None)
+                } else {
+                    self.save_pending(&p).await.map(Some)
+                }
+            },
+            p.upstream.generate(&p.request)
+        );
+        saved?;
+        let generated = generated.map_err(upstream_error)?;
+        let (message, history) = self.finish(&p, generated.into()).await?;
+        Ok(response_json(&message, &history))
+    }
+}
+
+fn next_seq(conversation: &Conversation, messages: &[StoredMessage]) -> u64 {
+    let after_last = messages.last().map(|m| m.seq + 1).unwrap_or(0);
+    conversation.next_seq.max(after_last)
+}
+
+/// The spec's CharacterInteractionResponse for a stored reply.
+pub fn response_json(message: &StoredMessage, history: &History) -> Value {
+    let usage = message.usage.unwrap_or_default();
+    let c = &history.conversation;
+    json!({
+        "response": crate::http::conversations::message_json(message, c),
+        "conversationId": c.id,
+        "context": {
+            "conversationId": c.id,
+            "characterId": c.character_id,
+            "userId": c.user_id,
+            "currentMes": history.messages.len(),
+            "messageCount": c.message_count,
+            "sessionId": c.id,
+            "startedAt": c.started_at,
+            "lastActivity": c.last_activity,
+            "characterState": c.character_state,
+            "lorebook": c.lore_state,
+            "settings": { "userName": c.user_name },
+        },
+        "usage": usage,
+    })
+}
+
+/// A stable hash of a request body, to recognise a reused Idempotency-Key.
+pub fn request_hash(parts: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What a streamed generation tells its client, in order: deltas, then exactly one of done or
+/// error.
+#[derive(Debug, Clone)]
+pub enum GenEvent {
+    /// Next piece of the reply.
+    Delta(String),
+    /// The stored reply: the spec's CharacterInteractionResponse.
+    Done(Value),
+    /// The generation failed; a partial reply (if any) was stored with `finishReason: "error"`.
+    Error(ApiError),
+}
+
+impl InteractService {
+    /// Streams a prepared generation into `tx` (a bounded channel, so a slow client slows the
+    /// upstream read instead of growing a buffer). When the receiver goes away or `cancel` fires,
+    /// the upstream stream is dropped at once (which aborts the upstream request) and the
+    /// partial reply is stored with `finishReason: "cancelled"`.
+    pub async fn run_stream(
+        &self,
+        p: Prepared,
+        tx: tokio::sync::mpsc::Sender<GenEvent>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        use futures_util::StreamExt;
+        let (saved, opened) = tokio::join!(
+            async {
+                if p.pending.is_empty() {
+                    Ok(None)
+                } else {
+                    self.save_pending(&p).await.map(Some)
+                }
+            },
+            p.upstream.stream(&p.request)
+        );
+        if let Err(e) = saved {
+            let _ = tx.send(GenEvent::Error(e)).await;
+            return;
+        }
+        let mut upstream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(GenEvent::Error(upstream_error(e))).await;
+                return;
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let mut partial = String::new();
+        let outcome: Result<Generated, (String, Option<ApiError>)> = loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
+                _ = tx.closed() => break Err(("cancelled".into(), None)),
+                next = upstream.next() => next,
+            };
+            match next {
+                Some(Ok(crate::upstream::StreamEvent::Delta(d))) => {
+                    partial.push_str(&d);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
+                        sent = tx.send(GenEvent::Delta(d)) => {
+                            if sent.is_err() {
+                                break Err(("cancelled".into(), None));
+                            }
+                        }
+                    }
+                }
+                Some(Ok(crate::upstream::StreamEvent::Done(result))) => break Ok(result.into()),
+                Some(Err(e)) => break Err(("error".into(), Some(upstream_error(e)))),
+                None => {
+                    break Err((
+                        "error".into(),
+                        Some(ApiError::new(
+                            ErrorCode::StGenerationFailed,
+                            "upstream stream ended without a final result",
+                        )),
+                    ))
+                }
+            }
+        };
+        // Dropping the upstream stream aborts the upstream request before anything is stored.
+        drop(upstream);
+        match outcome {
+            Ok(generated) => match self.finish(&p, generated).await {
+                Ok((message, history)) => {
+                    let _ = tx
+                        .send(GenEvent::Done(response_json(&message, &history)))
+                        .await;
+                }
+                Err(e) => {
+                    let _ = tx.send(GenEvent::Error(e)).await;
+                }
+            },
+            Err((reason, error)) => {
+                let generated = Generated {
+                    content: partial,
+                    model: p
+                        .request
+                        .params
+                        .model
+                        .clone()
+                        .unwrap_or_else(|| p.upstream.default_model().to_string()),
+                    usage: TokenUsage::default(),
+                    finish_reason: reason,
+                    character_state: None,
+                    generation_time_ms: started.elapsed().as_millis() as u64,
+                };
+                // A partial reply is kept only when something was generated.
+                let stored = if generated.content.is_empty() {
+                    Ok(())
+                } else {
+                    self.finish(&p, generated).await.map(|_| ())
+                };
+                if let Err(e) = stored {
+                    tracing::warn!(error = %e, "could not store partial reply");
+                }
+                if let Some(e) = error {
+                    let _ = tx.send(GenEvent::Error(e)).await;
+                }
+            }
+        }
+    }
+}
