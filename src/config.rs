@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub prompt: PromptConfig,
+    /// The `/ws` WebSocket.
+    pub websocket: crate::http::ws::WsConfig,
     /// Named upstreams (`[upstreams]`), see `config/taproom.toml`.
     pub upstreams: crate::upstream::UpstreamsConfig,
 }
@@ -131,6 +133,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             prompt: PromptConfig::default(),
+            websocket: crate::http::ws::WsConfig::default(),
             upstreams: crate::upstream::UpstreamsConfig::default(),
         }
     }
@@ -255,6 +258,12 @@ impl Config {
         }
         if self.limits.max_avatar_bytes == 0 {
             return Err(invalid("limits.max_avatar_bytes", "must be greater than 0"));
+        }
+        if self.websocket.heartbeat_interval_ms == 0 || self.websocket.missed_heartbeats == 0 {
+            return Err(invalid(
+                "websocket.heartbeat_interval_ms",
+                "heartbeat interval and missed_heartbeats must be greater than 0",
+            ));
         }
         if self.prompt.max_reply_tokens >= self.prompt.max_context_tokens {
             return Err(invalid(

@@ -741,6 +741,9 @@ pub enum GenEvent {
     Done(Value),
     /// The generation failed; a partial reply (if any) was stored with `finishReason: "error"`.
     Error(ApiError),
+    /// The generation was cancelled; the partial reply (if any) was stored with
+    /// `finishReason: "cancelled"` and is given here.
+    Cancelled(Option<Value>),
 }
 
 impl InteractService {
@@ -840,16 +843,23 @@ impl InteractService {
                 };
                 // A partial reply is kept only when something was generated.
                 let stored = if generated.content.is_empty() {
-                    Ok(())
+                    Ok(None)
                 } else {
-                    self.finish(&p, generated).await.map(|_| ())
+                    self.finish(&p, generated)
+                        .await
+                        .map(|(m, h)| Some(response_json(&m, &h)))
                 };
-                if let Err(e) = stored {
-                    tracing::warn!(error = %e, "could not store partial reply");
-                }
-                if let Some(e) = error {
-                    let _ = tx.send(GenEvent::Error(e)).await;
-                }
+                let response = match stored {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not store partial reply");
+                        None
+                    }
+                };
+                let _ = match error {
+                    Some(e) => tx.send(GenEvent::Error(e)).await,
+                    None => tx.send(GenEvent::Cancelled(response)).await,
+                };
             }
         }
     }

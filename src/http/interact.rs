@@ -182,6 +182,8 @@ fn sse_response(state: AppState, prepared: Prepared) -> Response {
                     Event::default().event("error").json_data(e.envelope(&rid)),
                     true,
                 ),
+                // Only sent after a cancel, when the client is already gone.
+                GenEvent::Cancelled(_) => return None,
             };
             let event = event.unwrap_or_else(|_| Event::default().event("error").data("{}"));
             Some((Ok::<_, Infallible>(event), (rx, guard, rid, done)))

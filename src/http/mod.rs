@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod extract;
 pub mod interact;
 pub mod request_id;
+pub mod ws;
 
 use crate::auth::Authenticator;
 use crate::characters::CharacterService;
@@ -92,6 +93,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(interact::regenerate),
         )
         .route("/api/admin/upstreams", get(interact::admin_upstreams))
+        .route("/ws", get(ws::upgrade))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(state);
