@@ -89,6 +89,7 @@ fn character(i: usize, owner: &str, seed: &mut u64) -> Character {
         creator_id: owner.to_string(),
         group_id: None,
         version: 1,
+        slug: Some(format!("bench-{i}")),
     }
 }
 

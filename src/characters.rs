@@ -66,6 +66,8 @@ pub struct CharacterPatch {
     pub is_active: Option<bool>,
     pub tags: Option<Vec<String>>,
     pub group_id: Option<Option<String>>,
+    /// A new slug (the model id is `char-<slug>`).
+    pub slug: Option<String>,
 }
 
 /// What the caller may do with a character.
@@ -161,13 +163,18 @@ impl CharacterService {
             creator_id: user.id.clone(),
             group_id: non_empty(new.group_id),
             version: 1,
+            slug: Some(slugify(&new.name)),
         };
         let character = mirror_profile(character);
         let store = self.store.clone();
         let quota = self.limits.max_characters_per_user;
-        let to_store = character.clone();
-        blocking(move || store.create_character(&to_store, stored_avatar.as_ref(), quota)).await?;
-        Ok(character)
+        let mut to_store = character;
+        Ok(blocking(move || {
+            store
+                .create_character(&mut to_store, stored_avatar.as_ref(), quota)
+                .map(|_| to_store)
+        })
+        .await?)
     }
 
     /// A character the caller may view (anyone, even anonymous, for public characters).
@@ -323,6 +330,16 @@ impl CharacterService {
         }
         if let Some(v) = patch.group_id {
             next.group_id = non_empty(v);
+        }
+        if let Some(slug) = patch.slug {
+            let clean = slugify(&slug);
+            if clean != slug.trim().to_lowercase() {
+                return Err(ApiError::validation(
+                    "slug",
+                    format!("use lowercase letters, digits and dashes, e.g. {clean}"),
+                ));
+            }
+            next.slug = Some(clean);
         }
         let key = store::parse_id(id).ok_or_else(|| ApiError::character_not_found(id))?;
         let avatar_change = match patch.avatar {
@@ -487,6 +504,30 @@ fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
+/// A lowercase ASCII slug for a name; substrings NextChat treats specially in model ids
+/// (`vision`, `vl`, `-thinking`, `deepseek-r`) are broken up with a dash.
+pub fn slugify(name: &str) -> String {
+    let mut out = String::new();
+    for ch in name.trim().to_lowercase().chars() {
+        if ch.is_ascii_alphanumeric() {
+            out.push(ch);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    let mut out = out.trim_matches('-').to_string();
+    for (bad, good) in [("vision", "visi-on"), ("vl", "v-l"), ("thinking", "think-ing"), ("deepseek-r", "deepseek-x-r")] {
+        out = out.replace(bad, good);
+    }
+    out.truncate(48);
+    let out = out.trim_matches('-').to_string();
+    if out.is_empty() {
+        "character".into()
+    } else {
+        out
+    }
+}
+
 /// Trims and checks a name: 1..=128 characters.
 pub fn validate_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
@@ -618,6 +659,15 @@ mod tests {
     fn too_many_tags_is_rejected() {
         let tags = (0..33).map(|i| format!("t{i}")).collect();
         assert!(normalize_tags(tags).is_err());
+    }
+
+    #[test]
+    fn slugs_are_lowercase_and_avoid_nextchat_triggers() {
+        assert_eq!(slugify("Seraphina"), "seraphina");
+        assert_eq!(slugify("  Dr. Ada Lovelace! "), "dr-ada-lovelace");
+        assert_eq!(slugify("Vlad"), "v-lad");
+        assert_eq!(slugify("Vision Quest"), "visi-on-quest");
+        assert_eq!(slugify("🌸"), "character");
     }
 
     #[test]

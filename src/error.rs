@@ -252,6 +252,7 @@ impl From<crate::store::StoreError> for ApiError {
                 format!("version is stale: the character is now at version {current}; reload it and retry"),
             )
             .with_details(json!({ "currentVersion": current })),
+            StoreError::SlugTaken(slug) => Self::validation("slug", format!("{slug} is already taken")),
             StoreError::QuotaExceeded { limit } => Self::new(
                 ErrorCode::CharacterQuotaExceeded,
                 format!("character limit reached: at most {limit} characters per user"),

@@ -42,6 +42,10 @@ pub struct Character {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     pub version: u64,
+    /// Unique lowercase slug; the OpenAI-compatible model id is `char-<slug>`. Kept across
+    /// renames unless changed explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slug: Option<String>,
 }
 
 /// The spec's PersonalityProfile plus the card fields a SillyTavern card carries, so that an

@@ -63,6 +63,7 @@ pub struct UpdateRequest {
     tags: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
     group_id: Option<Option<String>>,
+    slug: Option<String>,
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -324,6 +325,7 @@ pub async fn update(
         is_active: body.is_active,
         tags: body.tags,
         group_id: body.group_id,
+        slug: body.slug,
     };
     Ok(Json(state.characters.update(&id, &user, patch).await?))
 }

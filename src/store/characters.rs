@@ -4,7 +4,7 @@
 use super::summary::Summary;
 use super::{
     decode_record, encode_record, Cached, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
-    BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC,
+    BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC, SLUGS,
 };
 use crate::model::Character;
 use redb::{Durability, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -162,7 +162,7 @@ impl Store {
     /// transaction so concurrent creates cannot overshoot it.
     pub fn create_character(
         &self,
-        character: &Character,
+        character: &mut Character,
         avatar: Option<&StoredAvatar>,
         quota: u64,
     ) -> Result<(), StoreError> {
@@ -178,6 +178,9 @@ impl Store {
                 return Err(StoreError::QuotaExceeded { limit: quota });
             }
             counts.insert(character.creator_id.as_str(), count + 1)?;
+            let base = character.slug.clone().unwrap_or_else(|| "character".into());
+            let slug = claim_slug(&txn, &base, id)?;
+            character.slug = Some(slug);
             write_character(&txn, id, character, None)?;
             if let Some(avatar) = avatar {
                 txn.open_table(AVATARS)?
@@ -195,16 +198,20 @@ impl Store {
     pub fn create_many(&self, characters: &[Character]) -> Result<(), StoreError> {
         let txn = self.begin_durable_write()?;
         {
-            let mut per_owner: std::collections::HashMap<&str, u64> = Default::default();
+            let mut per_owner: std::collections::HashMap<String, u64> = Default::default();
             for c in characters {
                 let id = parse_id(&c.id).ok_or_else(|| StoreError::Corrupt("bad id".into()))?;
-                write_character(&txn, id, c, None)?;
-                *per_owner.entry(c.creator_id.as_str()).or_default() += 1;
+                let mut c = c.clone();
+                if let Some(base) = c.slug.clone() {
+                    c.slug = Some(claim_slug(&txn, &base, id)?);
+                }
+                write_character(&txn, id, &c, None)?;
+                *per_owner.entry(c.creator_id.clone()).or_default() += 1;
             }
             let mut counts = txn.open_table(OWNER_COUNTS)?;
             for (owner, n) in per_owner {
-                let count = counts.get(owner)?.map(|v| v.value()).unwrap_or(0);
-                counts.insert(owner, count + n)?;
+                let count = counts.get(owner.as_str())?.map(|v| v.value()).unwrap_or(0);
+                counts.insert(owner.as_str(), count + n)?;
             }
         }
         txn.commit()?;
@@ -237,6 +244,20 @@ impl Store {
             // usageCount moves with chatting, not with edits: keep the stored count.
             let mut updated = updated.clone();
             updated.usage_count = current.usage_count;
+            if updated.slug != current.slug {
+                if let Some(new) = &updated.slug {
+                    let mut slugs = txn.open_table(SLUGS)?;
+                    if slugs.get(new.as_str())?.is_some_and(|v| v.value() != id) {
+                        return Err(StoreError::SlugTaken(new.clone()));
+                    }
+                    slugs.insert(new.as_str(), id)?;
+                    if let Some(old) = &current.slug {
+                        slugs.remove(old.as_str())?;
+                    }
+                } else {
+                    updated.slug = current.slug.clone();
+                }
+            }
             write_character(&txn, id, &updated, Some(&current))?;
             stored = updated;
             let mut avatars = txn.open_table(AVATARS)?;
@@ -269,6 +290,9 @@ impl Store {
                 decode_record(raw.value())?
             };
             remove_indexes(&txn, id, &current)?;
+            if let Some(slug) = &current.slug {
+                txn.open_table(SLUGS)?.remove(slug.as_str())?;
+            }
             txn.open_table(CHARACTERS)?.remove(id)?;
             txn.open_table(AVATARS)?.remove(id)?;
             let mut counts = txn.open_table(OWNER_COUNTS)?;
@@ -287,6 +311,13 @@ impl Store {
             self.histories.invalidate(&cid);
         }
         Ok(())
+    }
+
+    /// The character a slug names.
+    pub fn character_by_slug(&self, slug: &str) -> Result<Option<u128>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SLUGS)?;
+        Ok(t.get(slug)?.map(|v| v.value()))
     }
 
     /// The stored avatar image of a character.
@@ -535,6 +566,25 @@ fn write_character(
             .insert((group.as_str(), id), posting.as_slice())?;
     }
     Ok(())
+}
+
+/// Claims `base`, or `base-2`, `base-3`, … for `id`.
+fn claim_slug(txn: &WriteTransaction, base: &str, id: u128) -> Result<String, StoreError> {
+    let mut slugs = txn.open_table(SLUGS)?;
+    let mut n = 1u32;
+    loop {
+        let candidate = if n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}-{n}")
+        };
+        let taken = slugs.get(candidate.as_str())?.is_some();
+        if !taken {
+            slugs.insert(candidate.as_str(), id)?;
+            return Ok(candidate);
+        }
+        n += 1;
+    }
 }
 
 /// Rewrites a character's summary rows after a change that keeps its `updatedAt` (usage).

@@ -40,6 +40,8 @@ pub(crate) const OWNER_COUNTS: TableDefinition<&str, u64> = TableDefinition::new
 pub(crate) const BY_TAG: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("by_tag");
 /// (group id, id) → (owner, public flag).
 pub(crate) const BY_GROUP: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("by_group");
+/// slug → character id: the OpenAI-compatible model ids.
+pub(crate) const SLUGS: TableDefinition<&str, u128> = TableDefinition::new("slugs");
 /// id → avatar (content type, etag, bytes).
 pub(crate) const AVATARS: TableDefinition<u128, &[u8]> = TableDefinition::new("avatars");
 
@@ -50,6 +52,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("version conflict: current version is {current}")]
     VersionConflict { current: u64 },
+    #[error("slug {0} is taken")]
+    SlugTaken(String),
     #[error("quota of {limit} characters exceeded")]
     QuotaExceeded { limit: u64 },
     #[error("database: {0}")]
@@ -149,6 +153,7 @@ impl Store {
             txn.open_table(AVATARS)?;
             txn.open_table(BY_TAG)?;
             txn.open_table(BY_GROUP)?;
+            txn.open_table(SLUGS)?;
             txn.open_table(conversations::CONVERSATIONS)?;
             txn.open_table(conversations::CONV_BY_USER)?;
             txn.open_table(conversations::CONV_BY_CHARACTER)?;
