@@ -205,3 +205,40 @@ pub fn export_charx(c: &Character, avatar: Option<(&[u8], &str)>) -> Result<Vec<
     }
     Ok(zip.finish().map_err(write_err)?.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_paths_are_recognized() {
+        let cases = [
+            ("card.json", false),
+            ("assets/icon/images/main.png", false),
+            ("assets/..hidden/x", false),
+            ("../evil", true),
+            ("a/../../evil", true),
+            ("a\\..\\evil", true),
+            ("/etc/passwd", true),
+            ("\\server\\share", true),
+            ("C:/windows", true),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(unsafe_path(name), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn extensions_are_sanitized() {
+        let cases = [
+            ("png", "png"),
+            (".WEBP", "webp"),
+            ("../x", "png"),
+            ("", "png"),
+            ("jpeg", "jpeg"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(clean_ext(input), expected, "{input}");
+        }
+    }
+}

@@ -53,32 +53,35 @@ pub fn parse_card_value(value: Value) -> Result<ParsedCard, CardError> {
     };
     let mut warnings = Vec::new();
     let spec = top.get("spec").map(|s| s.as_str().map(str::to_owned));
-    let character = match spec {
+    match spec {
         Some(Some(s)) if s == "chara_card_v3" => {
             check_v3_version(top.get("spec_version"), &mut warnings)?;
-            return wrapped(top, CardSpec::V3, warnings);
+            wrapped(top, CardSpec::V3, warnings)
         }
-        Some(Some(s)) if s == "chara_card_v2" => return wrapped(top, CardSpec::V2, warnings),
-        Some(Some(s)) => return Err(CardError::UnsupportedSpec(s)),
-        Some(None) => return Err(CardError::UnsupportedSpec("(not a string)".to_owned())),
-        None if top.contains_key("char_name") => pygmalion(top, &mut warnings)?,
+        Some(Some(s)) if s == "chara_card_v2" => wrapped(top, CardSpec::V2, warnings),
+        Some(Some(s)) => Err(CardError::UnsupportedSpec(s)),
+        Some(None) => Err(CardError::UnsupportedSpec("(not a string)".to_owned())),
+        None if top.contains_key("char_name") => {
+            let character = pygmalion(top, &mut warnings)?;
+            Ok(ParsedCard {
+                character,
+                spec: CardSpec::Pygmalion,
+                warnings,
+            })
+        }
         None if !top.contains_key("name") && top.get("data").is_some_and(Value::is_object) => {
             warnings.push("card has a data object but no spec; read as chara_card_v2".to_owned());
-            return wrapped(top, CardSpec::V2, warnings);
+            wrapped(top, CardSpec::V2, warnings)
         }
         None => {
-            return Ok(ParsedCard {
-                character: flat_v1(top, &mut warnings)?,
+            let character = flat_v1(top, &mut warnings)?;
+            Ok(ParsedCard {
+                character,
                 spec: CardSpec::V1,
                 warnings,
             })
         }
-    };
-    Ok(ParsedCard {
-        character,
-        spec: CardSpec::Pygmalion,
-        warnings,
-    })
+    }
 }
 
 /// V3 readers must accept 3.0 ≤ spec_version < 4.0, compared as a number.
@@ -442,4 +445,51 @@ fn wrapped(
         spec,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn shape_is_detected_from_content() {
+        let cases = [
+            (json!({"name": "a"}), CardSpec::V1),
+            (json!({"char_name": "a"}), CardSpec::Pygmalion),
+            (
+                json!({"spec": "chara_card_v2", "data": {"name": "a"}}),
+                CardSpec::V2,
+            ),
+            (
+                json!({"spec": "chara_card_v3", "spec_version": "3.0", "data": {"name": "a"}}),
+                CardSpec::V3,
+            ),
+            (
+                json!({"spec": "chara_card_v3", "spec_version": 3.99, "data": {"name": "a"}}),
+                CardSpec::V3,
+            ),
+            (json!({"data": {"name": "a"}}), CardSpec::V2),
+        ];
+        for (card, spec) in cases {
+            assert_eq!(
+                parse_card_value(card.clone()).map(|p| p.spec),
+                Ok(spec),
+                "{card}"
+            );
+        }
+    }
+
+    #[test]
+    fn tag_strings_split_on_commas() {
+        let cases: [(&str, &[&str]); 4] = [
+            ("", &[]),
+            ("a", &["a"]),
+            (" a , b,,c ", &["a", "b", "c"]),
+            ("multi word, x", &["multi word", "x"]),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(split_tags(input), expected, "{input:?}");
+        }
+    }
 }

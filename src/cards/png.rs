@@ -253,3 +253,67 @@ pub fn strip_card_chunks(png: &Png<'_>) -> Vec<u8> {
     out.extend_from_slice(png.trailing);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(keyword: &[u8]) -> Vec<u8> {
+        let mut data = keyword.to_vec();
+        data.extend_from_slice(b"\0e30=");
+        data
+    }
+
+    #[test]
+    fn card_keywords_are_case_insensitive() {
+        let cases: [(&[u8; 4], &[u8], Option<CardChunk>); 6] = [
+            (b"tEXt", b"chara", Some(CardChunk::Chara)),
+            (b"tEXt", b"CHARA", Some(CardChunk::Chara)),
+            (b"tEXt", b"Ccv3", Some(CardChunk::Ccv3)),
+            (b"tEXt", b"chara2", None),
+            (b"zTXt", b"chara", None),
+            (b"iTXt", b"ccv3", None),
+        ];
+        for (kind, keyword, expected) in cases {
+            let data = text(keyword);
+            let chunk = Chunk {
+                kind: *kind,
+                data: &data,
+                raw: &[],
+            };
+            assert_eq!(
+                chunk.card_kind(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(keyword)
+            );
+        }
+    }
+
+    #[test]
+    fn base64_padding_and_line_breaks_are_tolerated() {
+        for text in [&b"e30="[..], b"e30", b"e3\n0=\r\n"] {
+            assert_eq!(decode_text(CardChunk::Chara, text), Ok(b"{}".to_vec()));
+        }
+    }
+
+    #[test]
+    fn written_cards_replace_old_card_chunks() {
+        let once = write_card(DEFAULT_AVATAR_PNG, "{\"v\":2}", "{\"v\":3}").unwrap();
+        let twice = write_card(&once, "{\"v\":2}", "{\"v\":3}").unwrap();
+        assert_eq!(once, twice);
+        let png = parse(&once).unwrap();
+        let kinds: Vec<_> = png.chunks.iter().map(|c| c.card_kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                None,
+                None,
+                Some(CardChunk::Chara),
+                Some(CardChunk::Ccv3),
+                None
+            ]
+        );
+        assert_eq!(strip_card_chunks(&png), DEFAULT_AVATAR_PNG);
+    }
+}
