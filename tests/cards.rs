@@ -544,10 +544,8 @@ fn default_avatar_is_a_valid_decodable_png() {
 #[test]
 fn broken_pngs_give_the_right_errors() {
     let good = card_png("chara", &json!({"name": "X"}));
-    assert!(matches!(
-        import_err(b"\x89PNX\r\n\x1a\n0000"),
-        CardError::UnknownFormat
-    ));
+    assert_eq!(import_err(b"\x89PNX\r\n\x1a\n0000"), CardError::NotPng);
+    assert_eq!(import_err(b"\x89PNG\n\x1a\n0000"), CardError::NotPng);
     assert_eq!(
         cards::png::parse(b"\x89PNX\r\n\x1a\n").unwrap_err(),
         CardError::NotPng
@@ -997,4 +995,57 @@ fn nextchat_mask_talks_to_the_character_model() {
     assert_eq!(mask["createdAt"], json!(1_795_687_200_000i64));
     let with_url = cards::export_nextchat_mask(&c, "s", Some("https://x/avatar.png"));
     assert_eq!(with_url["avatar"], "https://x/avatar.png");
+}
+
+#[test]
+fn error_messages_are_lowercase_without_a_trailing_dot_and_sizes_map_to_413() {
+    let errors = [
+        CardError::Empty,
+        CardError::UnknownFormat,
+        CardError::NotPng,
+        CardError::FirstChunkNotIhdr("IDAT".into()),
+        CardError::Truncated(8),
+        CardError::ChunkPastEnd {
+            chunk: "IDAT".into(),
+            length: 9,
+        },
+        CardError::BadCrc("IDAT".into()),
+        CardError::MissingIend,
+        CardError::NoCharacterData,
+        CardError::InvalidBase64 {
+            chunk: "chara".into(),
+            reason: "x".into(),
+        },
+        CardError::InvalidUtf8,
+        CardError::InvalidJson("x".into()),
+        CardError::NotAnObject,
+        CardError::UnsupportedSpec("x".into()),
+        CardError::UnsupportedSpecVersion("4".into()),
+        CardError::MissingName,
+        CardError::NameTooLong(200),
+        CardError::MissingCardJson,
+        CardError::InvalidZip("x".into()),
+        CardError::ZipBombSize { size: 2, limit: 1 },
+        CardError::ZipBombRatio {
+            name: "a".into(),
+            ratio: 200,
+            limit: 100,
+        },
+        CardError::UnsafeZipPath("../a".into()),
+        CardError::TooLarge { size: 2, limit: 1 },
+        CardError::InvalidLorebook("x".into()),
+        CardError::Write("x".into()),
+    ];
+    for e in &errors {
+        let msg = e.to_string();
+        assert!(msg.starts_with(|c: char| c.is_lowercase()), "{msg}");
+        assert!(!msg.ends_with('.'), "{msg}");
+        let size = matches!(
+            e,
+            CardError::TooLarge { .. }
+                | CardError::ZipBombSize { .. }
+                | CardError::ZipBombRatio { .. }
+        );
+        assert_eq!(e.is_too_large(), size, "{msg}");
+    }
 }

@@ -211,6 +211,10 @@ pub fn import_card(bytes: &[u8], limits: &CardLimits) -> Result<ImportedCard, Ca
     if bytes.starts_with(&png::SIGNATURE) {
         return import_png(bytes);
     }
+    // Something that almost looks like a PNG (e.g. a mangled signature) deserves the PNG error.
+    if bytes[0] == 0x89 || bytes.get(1..4) == Some(&b"PNG"[..]) {
+        return Err(CardError::NotPng);
+    }
     if bytes.starts_with(ZIP_MAGIC) || bytes.starts_with(EMPTY_ZIP_MAGIC) {
         return import_charx(bytes, limits);
     }
