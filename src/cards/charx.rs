@@ -126,7 +126,10 @@ fn read_entry(
     let read = out.len() as u64;
     if read > *budget {
         return Err(CardError::ZipBombSize {
-            size: limits.max_uncompressed_bytes.saturating_sub(*budget) + read,
+            size: limits
+                .max_uncompressed_bytes
+                .saturating_sub(*budget)
+                .saturating_add(read),
             limit: limits.max_uncompressed_bytes,
         });
     }
@@ -226,6 +229,28 @@ mod tests {
         for (name, expected) in cases {
             assert_eq!(unsafe_path(name), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn reads_stop_at_the_remaining_budget_whatever_the_headers_say() {
+        let mut zip = ZipWriter::new(Cursor::new(Vec::new()));
+        let options = SimpleFileOptions::default().compression_method(CompressionMethod::Deflated);
+        zip.start_file("a.bin", options).unwrap();
+        zip.write_all(&[7u8; 5000]).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        let mut archive = ZipArchive::new(Cursor::new(&bytes[..])).unwrap();
+        let limits = CardLimits::default();
+        let mut budget = 100;
+        let err = read_entry(&mut archive, 0, &mut budget, &limits).unwrap_err();
+        assert!(matches!(err, CardError::ZipBombSize { .. }), "{err}");
+        let mut budget = 5000;
+        assert_eq!(
+            read_entry(&mut archive, 0, &mut budget, &limits)
+                .unwrap()
+                .len(),
+            5000
+        );
+        assert_eq!(budget, 0);
     }
 
     #[test]
