@@ -19,8 +19,10 @@
 //! - `server`: builds the state and serves with graceful shutdown.
 //! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
 //!   circuit breaker. The only module that knows the upstream protocols.
+//! - `cards`: SillyTavern card import/export (PNG tEXt chunks, JSON V1/V2/V3, CharX, lorebooks). Pure.
 
 pub mod auth;
+pub mod cards;
 pub mod characters;
 pub mod cli;
 pub mod config;
