@@ -12,6 +12,7 @@
 //! - `characters`: the character domain service (validation, access, versioning).
 //! - `store`: the only module that knows redb; index tables and the character cache.
 //! - `model`: the spec's Character and lorebook types.
+//! - `plugins`: sandboxed wasm behaviour plugins (wasmtime host, WIT in `plugins/wit/`).
 //! - `server`: builds the state and serves with graceful shutdown.
 
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod model;
+pub mod plugins;
 pub mod server;
 pub mod store;
 pub mod time;
