@@ -108,8 +108,13 @@ async fn dice_roll_command_short_circuits_with_a_reproducible_reply() {
 
     // Only our host interface plus wasi interfaces that std links in (stubbed to trap).
     let imports = host.imports("dice").unwrap_or_default();
-    assert!(imports.iter().any(|i| i == "taproom:plugin/host@0.1.0"), "{imports:?}");
-    assert!(imports.iter().all(|i| i.starts_with("taproom:plugin/") || i.starts_with("wasi:")));
+    assert!(
+        imports.iter().any(|i| i == "taproom:plugin/host@0.1.0"),
+        "{imports:?}"
+    );
+    assert!(imports
+        .iter()
+        .all(|i| i.starts_with("taproom:plugin/") || i.starts_with("wasi:")));
     eprintln!("dice component imports: {imports:?}");
 
     let plain = host.before_generate(&b, &before("hello there", 1)).await;
@@ -377,6 +382,7 @@ async fn failure_policy_is_reported_for_the_caller_to_apply() {
     let closed = closed.err().unwrap_or_else(|| panic!("closed succeeded"));
     assert!(!closed.is_fail_open());
     assert_eq!(closed.kind, FailureKind::Trap);
+    eprintln!("trap message: {}", closed.message);
     assert_eq!(closed.hook, "before-generate");
     assert_eq!(
         (
@@ -469,18 +475,30 @@ async fn missing_dir_means_no_plugins_and_bad_manifests_fail_loading() {
 async fn reload_swaps_versions_without_dropping_calls_in_flight() {
     let dir = PluginsDir::new();
     dir.add("dice", "taproom_plugin_dice", BEFORE, "fail-open", "")
-        .add("slow", "taproom_hostile_spin", BEFORE, "fail-open", "");
+        .add("slow", "taproom_hostile_chatty", BEFORE, "fail-open", "");
     let host = host(&dir, config(&dir));
     assert_eq!(host.names(), vec!["dice".to_string(), "slow".to_string()]);
 
-    // A call in flight on the old set.
+    // A call in flight on the old set: the chatty plugin calls `recall` in a loop, which tells
+    // us it is running.
+    let (running_tx, mut running) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let recall: RecallFn = Arc::new(move |_: &str, _: u32| {
+        let _ = running_tx.send(());
+        Vec::new()
+    });
     let inflight = {
         let host = host.clone();
+        let mut ctx = before("x", 1);
+        ctx.base.recall = Some(recall);
         tokio::spawn(async move {
-            host.before_generate(&binding("slow", json!({})), &before("x", 1))
+            host.before_generate(&binding("slow", json!({})), &ctx)
                 .await
         })
     };
+    running
+        .recv()
+        .await
+        .unwrap_or_else(|| panic!("the slow call never started"));
     let manifest = "name = \"dice\"\nversion = \"2.0.0\"\nhooks = [\"before-generate\"]\n";
     std::fs::write(dir.path().join("dice/plugin.toml"), manifest).unwrap_or_else(|e| panic!("{e}"));
     std::fs::remove_dir_all(dir.path().join("slow")).unwrap_or_else(|e| panic!("{e}"));

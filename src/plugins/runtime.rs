@@ -368,15 +368,29 @@ fn finish<R>(
 }
 
 fn classify(e: &wasmtime::Error, memory_hit: bool) -> CallError {
-    let message = format!("{e:#}");
+    // The root cause reads best ("wasm `unreachable` instruction executed", "unknown import:
+    // `wasi:cli/stderr…`"); the wasm backtrace context around it is noise for an API client.
+    let message = match e.downcast_ref::<Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => {
+            let root = e.root_cause().to_string();
+            match root.strip_prefix("unknown import: ") {
+                Some(rest) => format!(
+                    "the plugin called {}, a WASI import plugins are denied",
+                    rest.trim_end_matches(" has not been defined")
+                ),
+                None => root,
+            }
+        }
+    };
+    // A refused memory growth is the root cause of whatever follows it (an allocation-failure
+    // abort, or spinning until the deadline), so it wins over the trap code.
     let kind = match e.downcast_ref::<Trap>() {
+        _ if memory_hit => FailureKind::MemoryLimit,
         Some(Trap::Interrupt) => FailureKind::Timeout,
-        Some(Trap::StackOverflow) => FailureKind::Trap,
-        Some(_) if memory_hit => FailureKind::MemoryLimit,
         Some(_) => FailureKind::Trap,
-        // Instantiation errors (pool exhausted, …) and host-import errors carry no trap code.
-        None if memory_hit => FailureKind::MemoryLimit,
-        None if message.contains("unknown import") => FailureKind::Trap,
+        // Instantiation errors (pool exhausted, …) and denied WASI imports carry no trap code.
+        None if message.contains("WASI import") => FailureKind::Trap,
         None => FailureKind::Unavailable,
     };
     let message = match kind {

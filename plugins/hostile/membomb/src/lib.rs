@@ -7,7 +7,10 @@ impl Plugin for MemBomb {
     fn before_generate(_ctx: BeforeContext) -> Result<BeforeResult, String> {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
-            hoard.push(std::hint::black_box(vec![7u8; 1 << 20]));
+            // Reserve without filling: growth, not page-touching speed, is what is tested.
+            let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+            chunk.push(7);
+            hoard.push(std::hint::black_box(chunk));
         }
     }
 }
