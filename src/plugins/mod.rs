@@ -502,7 +502,6 @@ fn guarded<T>(
     hook: Hook,
     call: impl FnOnce() -> Result<T, (FailureKind, String)>,
 ) -> Result<T, PluginFailure> {
-    let cfg_cooldown = plugin.breaker_cooldown();
     if let Some(left) = plugin.breaker.blocked(Instant::now()) {
         plugin.counters.record_refused();
         return Err(failure(
@@ -523,20 +522,13 @@ fn guarded<T>(
     plugin.breaker.record(
         result.is_ok(),
         Instant::now(),
-        cfg_cooldown.0,
-        cfg_cooldown.1,
+        plugin.breaker_threshold,
+        plugin.cooldown,
     );
     result.map_err(|(kind, message)| {
         tracing::warn!(plugin = %plugin.name, hook = hook.as_str(), ?kind, %message, "plugin call failed");
         failure(plugin, hook, kind, message)
     })
-}
-
-impl LoadedPlugin {
-    /// (threshold, cool-down) for the breaker.
-    fn breaker_cooldown(&self) -> (u32, Duration) {
-        (self.breaker_threshold, self.cooldown)
-    }
 }
 
 fn run_before(
