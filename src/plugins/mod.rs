@@ -44,8 +44,11 @@ pub use types::{
     PromptMessage, PromptSection, RecallFn, ReplyAction, SectionPosition,
 };
 
-use runtime::{CallLimits, Prepared, Runtime};
+use runtime::{CallLimits, Compiled, Prepared, Runtime};
 use stats::{Breaker, Counters};
+
+/// Largest plugin config a binding may carry, in bytes of JSON (it is copied into every call).
+const MAX_CONFIG_BYTES: usize = 64 * 1024;
 
 /// Longest veto reason kept, in bytes.
 const MAX_VETO_REASON: usize = 1024;
@@ -84,17 +87,12 @@ pub struct PluginHost {
     /// Counters by plugin name; kept outside the set so they survive reloads.
     counters: Mutex<HashMap<String, Arc<Counters>>>,
     /// Compiled components by content hash, so a reload recompiles only changed files.
-    compiled: Mutex<HashMap<u64, wasmtime_component::Component>>,
+    compiled: Mutex<HashMap<u64, Compiled>>,
     /// One permit per pooled instance slot: calls wait here instead of failing when the pool
     /// is full.
     permits: Arc<Semaphore>,
     /// Serializes reloads (the watcher and an admin request may race).
     reload_lock: Mutex<()>,
-}
-
-/// Re-export under a private name so only `runtime` spells out wasmtime types in signatures.
-mod wasmtime_component {
-    pub(crate) use wasmtime::component::Component;
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -170,8 +168,11 @@ impl PluginHost {
             .ok_or_else(|| format!("no plugin named {name} is loaded"))?;
         let config = normalize_config(config);
         let encoded = config.to_string();
-        if encoded.len() > self.cfg.max_state_bytes.max(64 * 1024) {
-            return Err("plugin config is too large".into());
+        if encoded.len() > MAX_CONFIG_BYTES {
+            return Err(format!(
+                "plugin config is {} bytes; keep it under {MAX_CONFIG_BYTES}",
+                encoded.len()
+            ));
         }
         match &plugin.manifest.config_schema {
             Some(schema) => schema::validate(schema, &config)
@@ -261,11 +262,7 @@ impl PluginHost {
         Ok(())
     }
 
-    fn compile_cached(
-        &self,
-        hash: u64,
-        bytes: &[u8],
-    ) -> Result<wasmtime_component::Component, String> {
+    fn compile_cached(&self, hash: u64, bytes: &[u8]) -> Result<Compiled, String> {
         if let Some(c) = self
             .compiled
             .lock()

@@ -96,12 +96,15 @@ impl Runtime {
     }
 
     /// Compiles a component (the expensive step, done once per distinct file content).
-    pub(crate) fn compile(&self, bytes: &[u8]) -> Result<Component, String> {
-        Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))
+    pub(crate) fn compile(&self, bytes: &[u8]) -> Result<Compiled, String> {
+        Component::new(&self.engine, bytes)
+            .map(Compiled)
+            .map_err(|e| format!("{e:#}"))
     }
 
     /// Links a compiled component against the host imports and pre-instantiates it.
-    pub(crate) fn prepare(&self, component: &Component) -> Result<Prepared, String> {
+    pub(crate) fn prepare(&self, compiled: &Compiled) -> Result<Prepared, String> {
+        let component = &compiled.0;
         let mut linker: Linker<CallState> = Linker::new(&self.engine);
         bindings::Plugin::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| format!("{e:#}"))?;
@@ -126,6 +129,10 @@ impl Runtime {
         Ok(Prepared { pre, imports })
     }
 }
+
+/// A compiled component (cheap to clone: the code is shared).
+#[derive(Clone)]
+pub(crate) struct Compiled(Component);
 
 /// A linked, pre-instantiated plugin, ready for a fresh `Store` per call.
 #[derive(Clone)]
