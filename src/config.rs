@@ -38,6 +38,8 @@ pub struct Config {
     pub prompt: PromptConfig,
     /// The `/ws` WebSocket.
     pub websocket: crate::http::ws::WsConfig,
+    /// The OpenAI-compatible `/v1` surface.
+    pub openai: crate::http::openai::OpenAiConfig,
     /// Named upstreams (`[upstreams]`), see `config/taproom.toml`.
     pub upstreams: crate::upstream::UpstreamsConfig,
 }
@@ -134,6 +136,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             prompt: PromptConfig::default(),
             websocket: crate::http::ws::WsConfig::default(),
+            openai: crate::http::openai::OpenAiConfig::default(),
             upstreams: crate::upstream::UpstreamsConfig::default(),
         }
     }

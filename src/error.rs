@@ -128,6 +128,8 @@ pub struct ApiError {
     pub details: Option<Value>,
     /// Sent as `Retry-After` (seconds, rounded up) when set.
     pub retry_after: Option<Duration>,
+    /// Tells SDK clients not to retry (`x-should-retry: false`), e.g. while a breaker is open.
+    pub no_retry: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -146,6 +148,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            no_retry: false,
         }
     }
 
@@ -229,6 +232,9 @@ impl IntoResponse for ApiError {
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if self.no_retry {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if self.code == ErrorCode::Unauthenticated {
             headers.insert(

@@ -157,6 +157,7 @@ pub fn upstream_error(e: UpstreamError) -> ApiError {
     if let Some(after) = e.retry_after() {
         err = err.with_retry_after(after);
     }
+    err.no_retry = e.kind() == crate::upstream::UpstreamErrorKind::CircuitOpen;
     err
 }
 

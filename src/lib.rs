@@ -20,6 +20,7 @@
 //! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
 //!   circuit breaker. The only module that knows the upstream protocols.
 //! - `cards`: SillyTavern card import/export (PNG tEXt chunks, JSON V1/V2/V3, CharX, lorebooks). Pure.
+//! - `plugins`: per-character behaviour plugins as sandboxed wasmtime components. The only module that knows wasmtime.
 
 pub mod auth;
 pub mod cards;
@@ -31,6 +32,7 @@ pub mod error;
 pub mod http;
 pub mod interact;
 pub mod model;
+pub mod plugins;
 pub mod prompt;
 pub mod server;
 pub mod store;

@@ -5,6 +5,7 @@ pub mod characters;
 pub mod conversations;
 pub mod extract;
 pub mod interact;
+pub mod openai;
 pub mod request_id;
 pub mod ws;
 
@@ -94,6 +95,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/admin/upstreams", get(interact::admin_upstreams))
         .route("/ws", get(ws::upgrade))
+        .route("/v1/models", get(openai::models))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(openai::chat_completions),
+        )
+        .route("/api/nextchat/custom-models", get(openai::custom_models))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(state);
