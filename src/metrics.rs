@@ -31,21 +31,24 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// `taproom_http_request_duration_seconds{route,method,status}` (to response headers).
     pub http_duration: HistogramVec,
-    /// `taproom_upstream_attempts_total{upstream}`: every attempt, first tries included.
-    pub upstream_attempts: IntCounterVec,
-    /// `taproom_upstream_retries_total{upstream}`: attempts after the first.
-    pub upstream_retries: IntCounterVec,
+    /// `taproom_upstream_attempts_total{upstream}`: every attempt, first tries included. Brought
+    /// up to the upstream module's own atomic totals at scrape time, so nothing else bumps it.
+    upstream_attempts: IntCounterVec,
+    /// `taproom_upstream_retries_total{upstream}`: attempts after the first (same source).
+    upstream_retries: IntCounterVec,
     /// `taproom_upstream_breaker_state{upstream,state}`: 1 for the current state, else 0.
     upstream_breaker: IntGaugeVec,
     /// `taproom_character_cache_{hits,misses}_total` and the derived ratio.
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     cache_hit_ratio: Gauge,
-    /// `taproom_active_streams`: SSE / WebSocket replies in flight.
+    /// `taproom_active_streams`: SSE / WebSocket replies in flight. Streaming code holds a
+    /// `GaugeGuard::new(&metrics.active_streams)` for as long as a stream is open.
     pub active_streams: IntGauge,
     /// `taproom_active_sockets`: accepted TCP connections still open.
     pub active_sockets: IntGauge,
-    /// `taproom_plugin_calls_total{plugin,hook}`.
+    /// `taproom_plugin_calls_total{plugin,hook}`; the plugin host records calls through
+    /// `record_plugin_call`.
     pub plugin_calls: IntCounterVec,
     /// `taproom_plugin_call_duration_seconds{plugin,hook}`.
     pub plugin_duration: HistogramVec,
