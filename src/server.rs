@@ -266,3 +266,26 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_keeps_host_path_and_query() {
+        for (host, port, want) in [
+            ("example.com", 443, "https://example.com/a?b=1"),
+            ("example.com:80", 8443, "https://example.com:8443/a?b=1"),
+            ("[::1]:80", 443, "https://[::1]/a?b=1"),
+            ("[::1]", 8443, "https://[::1]:8443/a?b=1"),
+        ] {
+            let req = hyper::Request::get("/a?b=1")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let res = redirect_response(&req, port);
+            assert_eq!(res.status(), 308);
+            assert_eq!(res.headers()["location"], want, "{host}");
+        }
+    }
+}

@@ -128,6 +128,10 @@ impl RateLimiter {
 
 /// Middleware: identifies the caller, charges its bucket, and hands the verified user on.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // CORS preflights carry no credentials and precede a real request that is counted.
+    if req.method() == http::Method::OPTIONS {
+        return next.run(req).await;
+    }
     let Some(class) = classify(req.uri().path()) else {
         return next.run(req).await;
     };
