@@ -185,21 +185,36 @@ type OpsClient = Client<
     Empty<bytes::Bytes>,
 >;
 
-/// A client trusting the system roots plus the configured server certificate chain, so a
-/// self-signed or private-CA deployment can be backed up from the same machine.
+/// A client for the local server. It accepts the exact certificate the server is configured
+/// to present (read from `tls.cert`), so a self-signed or private-CA deployment reached as
+/// `https://127.0.0.1` can be backed up from the same machine; any other certificate must chain
+/// to the system roots and match the host name as usual.
 fn http_client(config: &Config) -> Result<OpsClient, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(cert) = &config.tls.cert {
-        if let Ok(certs) = CertificateDer::pem_file_iter(cert) {
-            roots.add_parsable_certificates(certs.filter_map(Result::ok));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let fallback = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .ok();
+    let pinned: Vec<Vec<u8>> = match &config.tls.cert {
+        Some(cert) => CertificateDer::pem_file_iter(cert)
+            .map(|it| it.filter_map(Result::ok).map(|c| c.to_vec()).collect())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let verifier = PinnedOrWebPki {
+        pinned,
+        fallback,
+        provider: provider.clone(),
+    };
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -207,6 +222,76 @@ fn http_client(config: &Config) -> Result<OpsClient, String> {
         .enable_http1()
         .build();
     Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+/// Accepts the server's configured certificate byte for byte, otherwise verifies normally.
+/// Handshake signatures are always checked, so only the holder of the key gets through.
+#[derive(Debug)]
+struct PinnedOrWebPki {
+    pinned: Vec<Vec<u8>>,
+    fallback: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedOrWebPki {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|p| p.as_slice() == end_entity.as_ref())
+        {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match &self.fallback {
+            Some(v) => {
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -291,3 +291,43 @@ async fn mismatched_tls_config_is_a_config_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls"));
 }
+
+#[tokio::test]
+async fn backup_cli_reaches_a_tls_server_by_its_configured_certificate() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, addr, _) = start_tls(&ca, dir.path(), "").await;
+    wait_tls(&ca, &addr).await;
+    let config = dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\n",
+            dir.path().join("server.pem"),
+            dir.path().join("server.key")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("tls-backup.redb");
+    let o = std::process::Command::new(support::app::bin())
+        .args(["backup", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .arg("--out")
+        .arg(&out)
+        .arg("--url")
+        .arg(format!("https://{addr}"))
+        .env_remove("TAPROOM_CONFIG")
+        .env("TAPROOM_JWT_SECRET", support::app::SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("running server"));
+    assert!(out.exists());
+}
