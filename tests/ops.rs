@@ -81,6 +81,7 @@ async fn readyz_is_503_when_every_upstream_circuit_is_open() {
         ..Default::default()
     };
     assert!(upstream.generate(&req).await.is_err());
+    assert_eq!(state.upstreams.counters(), vec![("main".to_string(), 1, 0)]);
     let (status, body) = ready(app).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "SERVICE_UNAVAILABLE");

@@ -501,13 +501,6 @@ impl Upstream {
                 )
                 .with_retry_after(Some(left))
             })?;
-            // Counted once the breaker let the attempt through: fail-fast calls are no attempt.
-            self.attempt_count
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n > 1 {
-                self.retry_count
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
@@ -515,6 +508,14 @@ impl Upstream {
                     UpstreamErrorKind::Deadline,
                     "deadline exceeded across retries",
                 ));
+            }
+            // Counted only when an attempt really starts: breaker fail-fasts and a passed
+            // deadline are no attempt.
+            self.attempt_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n > 1 {
+                self.retry_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let bounded_by_deadline = left < self.timeout;
             let err = match tokio::time::timeout(left.min(self.timeout), attempt()).await {
