@@ -1,5 +1,8 @@
-//! The command line: `taproom serve` and `taproom token`, with config resolved the same way for
-//! both (file, then environment, then flags).
+//! The command line: `taproom serve`, `token`, and the operations commands (`check-config`,
+//! `backup`, `restore`, `export-all`, `import`), with config resolved the same way for all of
+//! them (file, then environment, then flags).
+//!
+//! Exit codes: 0 success, 1 an operation failed, 2 bad configuration or arguments.
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Overrides};
@@ -53,6 +56,49 @@ pub enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
+    /// Load and validate the config (and TLS files), then print it with secrets masked.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Write a consistent snapshot of the database to a new file. With a server running, it is
+    /// asked for the snapshot over HTTP (admin token minted from the configured secret).
+    Backup {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The backup file to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Base URL of the running server; default derived from `listen` and `[tls]`.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Replace the database with a backup (the server must be stopped); the old file is kept
+    /// as `taproom.redb.bak`.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A file written by `taproom backup`.
+        file: PathBuf,
+    },
+    /// Export one user's characters and chats (SillyTavern JSONL) into a directory (the server
+    /// must be stopped).
+    ExportAll {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Target directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Import a directory written by `export-all` (the server must be stopped).
+    Import {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Directory holding `manifest.json`.
+        dir: PathBuf,
+    },
 }
 
 fn load(args: &ConfigArgs, listen: Option<SocketAddr>) -> Result<Config, ConfigError> {
@@ -67,7 +113,8 @@ fn load(args: &ConfigArgs, listen: Option<SocketAddr>) -> Result<Config, ConfigE
     )
 }
 
-fn init_logging(filter: &str) {
+/// Logs to stderr with the given filter (falls back to `info`).
+pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -112,10 +159,31 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::CheckConfig { config } => match load(&config, None) {
+            Ok(c) => crate::ops::check_config(&c),
+            Err(e) => config_error(e),
+        },
+        Command::Backup { config, out, url } => match load(&config, None) {
+            Ok(c) => crate::ops::backup(&c, &out, url.as_deref()),
+            Err(e) => config_error(e),
+        },
+        Command::Restore { config, file } => match load(&config, None) {
+            Ok(c) => crate::ops::restore(&c, &file),
+            Err(e) => config_error(e),
+        },
+        Command::ExportAll { config, user, dir } => match load(&config, None) {
+            Ok(c) => crate::ops::export_all(c, &user, &dir),
+            Err(e) => config_error(e),
+        },
+        Command::Import { config, dir } => match load(&config, None) {
+            Ok(c) => crate::ops::import(c, &dir),
+            Err(e) => config_error(e),
+        },
     }
 }
 
-fn config_error(e: ConfigError) -> ExitCode {
+/// Prints a config error and returns exit code 2.
+pub fn config_error(e: ConfigError) -> ExitCode {
     eprintln!("taproom: config error: {e}");
     ExitCode::from(2)
 }
@@ -142,6 +210,14 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let tls = match crate::tls::Tls::from_config(&state.config.tls) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("taproom: config error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let redirect_addr = state.config.tls.redirect_http;
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -149,12 +225,47 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let local = listener
-            .local_addr()
+        let local = listener.local_addr().ok();
+        let redirect = match redirect_addr {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("taproom: cannot listen on {addr} (tls.redirect_http): {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
+        let shown = local.map(|a| a.to_string()).unwrap_or_default();
+        let redirect_shown = redirect
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
             .map(|a| a.to_string())
             .unwrap_or_default();
-        tracing::info!(listen = %local, data_dir = %data_dir.display(), "taproom listening");
-        match crate::server::run(listener, state, crate::server::shutdown_signal()).await {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        // One line, `listen=` first: the test harness reads the bound address from it.
+        tracing::info!(listen = %shown, scheme, http_redirect = %redirect_shown, data_dir = %data_dir.display(), "taproom listening");
+        // Both listeners stop on the same signal.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            crate::server::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let redirect_task = redirect.map(|l| {
+            let port = local.map(|a| a.port()).unwrap_or(443);
+            tokio::spawn(crate::server::run_redirect(l, port, stopped(stop_rx.clone())))
+        });
+        let result = match tls {
+            Some(tls) => crate::server::run_tls(listener, state, tls, stopped(stop_rx)).await,
+            None => crate::server::run(listener, state, stopped(stop_rx)).await,
+        };
+        if let Some(task) = redirect_task {
+            let _ = task.await;
+        }
+        match result {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS

@@ -40,6 +40,9 @@ pub struct Config {
     pub websocket: crate::http::ws::WsConfig,
     /// The OpenAI-compatible `/v1` surface.
     pub openai: crate::http::openai::OpenAiConfig,
+    pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
+    pub rate_limit: RateLimitConfig,
     /// Named upstreams (`[upstreams]`), see `config/taproom.toml`.
     pub upstreams: crate::upstream::UpstreamsConfig,
 }
@@ -124,6 +127,59 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
 }
 
+/// TLS termination. Serving HTTPS needs both `cert` and `key`; with neither, plain HTTP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Reloaded on change or SIGHUP.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Optional plain-HTTP listener that answers every request with 308 to the https URL.
+    pub redirect_http: Option<SocketAddr>,
+}
+
+impl TlsConfig {
+    /// Whether HTTPS is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` (unauthenticated; restrict it at the network edge).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Per-user token buckets; 0 disables a bucket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per minute to generation routes (`/interact`, `/regenerate`,
+    /// `/v1/chat/completions`, `/ws`).
+    pub interact_per_minute: u32,
+    /// Requests per minute to every other route.
+    pub other_per_minute: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            interact_per_minute: 60,
+            other_per_minute: 600,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -137,6 +193,9 @@ impl Default for Config {
             prompt: PromptConfig::default(),
             websocket: crate::http::ws::WsConfig::default(),
             openai: crate::http::openai::OpenAiConfig::default(),
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             upstreams: crate::upstream::UpstreamsConfig::default(),
         }
     }
@@ -292,6 +351,18 @@ impl Config {
             return Err(invalid(
                 "auth.algorithm",
                 "must be one of HS256, HS384, HS512, RS256, ES256, EdDSA",
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls.cert",
+                "set both tls.cert and tls.key to serve HTTPS, or neither",
+            ));
+        }
+        if self.tls.redirect_http.is_some() && !self.tls.enabled() {
+            return Err(invalid(
+                "tls.redirect_http",
+                "the redirect listener needs tls.cert and tls.key",
             ));
         }
         if !alg.starts_with("HS")

@@ -5,7 +5,8 @@
 //! Data flows one way: `http` (routing, middleware) → `auth` → handlers in `http::*` → domain
 //! services (`characters`, `conversations`, `interact`) → `store` (redb + moka), `upstream`,
 //! `prompt`.
-//! - `cli`: `taproom serve` / `taproom token`.
+//! - `cli`: `taproom serve`, `token`, `check-config`, `backup`, `restore`, `export-all`,
+//!   `import`.
 //! - `config`: one typed `Config`, a pure function of (file, environment); passed down.
 //! - `error`: `ApiError`, the spec's codes, statuses and envelope.
 //! - `auth`: JWT verification (algorithm fixed by config) and minting.
@@ -16,7 +17,12 @@
 //! - `prompt`: SillyTavern-compatible prompt building: tokens, macros, lorebook, assembly. Pure.
 //! - `store`: the only module that knows redb; index tables and caches.
 //! - `model`: the spec's Character, lorebook, conversation and message types.
-//! - `server`: builds the state and serves with graceful shutdown.
+//! - `server`: builds the state and runs the accept loop (plain or TLS, plus the optional
+//!   https redirect listener) with graceful shutdown.
+//! - `tls`: rustls server config from PEM files, reloaded on file change or SIGHUP.
+//! - `ops`: the operations commands (check-config, backup, restore, export, import).
+//! - `transfer`: one user's characters and chats as files (export-all / import).
+//! - `metrics`: the Prometheus registry, the request metrics middleware and shared handles.
 //! - `upstream`: clients for SillyTavern and OpenAI-compatible upstreams, with retries and a
 //!   circuit breaker. The only module that knows the upstream protocols.
 //! - `cards`: SillyTavern card import/export (PNG tEXt chunks, JSON V1/V2/V3, CharX, lorebooks). Pure.
@@ -33,8 +39,13 @@ pub mod http;
 pub mod interact;
 pub mod model;
 pub mod plugins;
+pub mod metrics;
+pub mod model;
+pub mod ops;
 pub mod prompt;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tls;
+pub mod transfer;
 pub mod upstream;

@@ -90,6 +90,11 @@ impl FromRequestParts<AppState> for MaybeAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // The rate limiter already verified this token; don't verify it twice.
+        if let Some(super::rate_limit::VerifiedUser(user)) = parts.extensions.get() {
+            tracing::Span::current().record("user", user.id.as_str());
+            return Ok(MaybeAuth(Some(user.clone())));
+        }
         let Some(value) = parts.headers.get(http::header::AUTHORIZATION) else {
             return Ok(MaybeAuth(None));
         };

@@ -6,6 +6,8 @@ pub mod conversations;
 pub mod extract;
 pub mod interact;
 pub mod openai;
+pub mod ops;
+pub mod rate_limit;
 pub mod request_id;
 pub mod ws;
 
@@ -14,13 +16,13 @@ use crate::characters::CharacterService;
 use crate::config::Config;
 use crate::conversations::ConversationService;
 use crate::error::ApiError;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -41,6 +43,12 @@ pub struct AppState {
     pub interact: crate::interact::InteractService,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
+    /// Generation backends with their breakers; `/readyz` and `/metrics` read their state.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
+    /// The Prometheus registry and its handles.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Per-caller token buckets.
+    pub limiter: Arc<rate_limit::RateLimiter>,
 }
 
 /// The complete router with every layer.
@@ -101,10 +109,23 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(openai::chat_completions),
         )
         .route("/api/nextchat/custom-models", get(openai::custom_models))
-        .route("/healthz", get(healthz))
+        .route("/api/admin/backup", axum::routing::post(ops::backup))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz));
+    let api = if config.metrics.enabled {
+        api.route("/metrics", get(ops::metrics))
+    } else {
+        api
+    };
+    let api = api
         .fallback(not_found)
-        .with_state(state);
-    with_layers(api, &config)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::layer,
+        ))
+        .with_state(state.clone());
+    // Outermost, so the count and latency include every layer's own answers (413, 504, 429).
+    with_layers(api, &config).layer(middleware::from_fn_with_state(state, crate::metrics::track))
 }
 
 /// Wraps routes in every tower layer, outermost last.
@@ -199,19 +220,6 @@ fn on_panic(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see the README for the API")
-}
-
-/// `GET /healthz`: 200 once the server takes requests.
-async fn healthz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok"})),
-        )
-            .into_response()
-    } else {
-        ApiError::new(crate::error::ErrorCode::ServiceUnavailable, "starting up").into_response()
-    }
 }
 
 #[cfg(test)]

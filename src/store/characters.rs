@@ -134,11 +134,13 @@ impl Store {
     /// A character by id, from the cache when possible.
     pub fn get_character(&self, id: u128) -> Result<Option<Arc<Character>>, StoreError> {
         if let Some(cached) = self.cache.get(&id) {
+            self.count_cache(true);
             return Ok(match cached {
                 Cached::Live(c) => Some(c),
                 Cached::Gone => None,
             });
         }
+        self.count_cache(false);
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CHARACTERS)?;
         let Some(raw) = table.get(id)? else {

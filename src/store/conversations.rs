@@ -265,6 +265,19 @@ impl Store {
         })
     }
 
+    /// Ids of every conversation of a user, with any character (export).
+    pub fn user_conversation_ids(&self, user: &str) -> Result<Vec<u128>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(CONV_BY_USER)?;
+        let mut out = Vec::new();
+        for item in
+            index.range((user, 0u128, i64::MIN, 0u128)..=(user, u128::MAX, i64::MAX, u128::MAX))?
+        {
+            out.push(item?.0.value().3);
+        }
+        Ok(out)
+    }
+
     /// The user's most recently active conversation with a character.
     pub fn latest_conversation(
         &self,

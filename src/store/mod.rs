@@ -5,10 +5,12 @@
 //! Every write commits with `Durability::Immediate` before the call returns, so an acknowledged
 //! write survives a crash.
 
+mod backup;
 mod characters;
 mod conversations;
 mod summary;
 
+pub use backup::{check_backup, snapshot_file};
 pub use characters::{
     parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
 };
@@ -100,6 +102,16 @@ pub struct Store {
     cache: Cache<u128, Cached>,
     /// Conversation histories by id, replaced after every commit that changes them.
     histories: Cache<u128, Arc<History>>,
+    /// Character cache hits and misses since open; atomics because moka keeps no counters and
+    /// every request thread reads characters.
+    cache_counters: Arc<CacheCounters>,
+}
+
+/// Hit and miss totals of the character cache.
+#[derive(Debug, Default)]
+struct CacheCounters {
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -117,6 +129,7 @@ impl Store {
             histories: Cache::builder()
                 .max_capacity(cache_capacity / 4 + 16)
                 .build(),
+            cache_counters: Arc::default(),
         };
         store.init_schema()?;
         Ok(store)
@@ -177,6 +190,31 @@ impl Store {
             })
             .unwrap_or(0);
         Ok(v)
+    }
+
+    /// Character cache (hits, misses) since the store was opened.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.cache_counters.hits.load(Relaxed),
+            self.cache_counters.misses.load(Relaxed),
+        )
+    }
+
+    /// Counts one character cache lookup.
+    pub(crate) fn count_cache(&self, hit: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = if hit {
+            &self.cache_counters.hits
+        } else {
+            &self.cache_counters.misses
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// Whether the database answers a read transaction (readiness probe).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.schema_version().map(|_| ())
     }
 
     /// Size of the database file in bytes.

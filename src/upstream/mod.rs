@@ -238,6 +238,20 @@ impl Upstreams {
         &self.default
     }
 
+    /// Attempts and retries per upstream since start, for the metrics scrape.
+    pub fn counters(&self) -> Vec<(String, u64, u64)> {
+        self.map
+            .values()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    u.attempt_count.load(std::sync::atomic::Ordering::Relaxed),
+                    u.retry_count.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// State of every upstream for the admin endpoint.
     pub fn status(&self) -> Vec<UpstreamStatus> {
         self.map
@@ -265,6 +279,10 @@ pub struct Upstream {
     ws_policy: RetryPolicy,
     /// Shared with in-flight streams and permits, which settle outcomes after `generate` returns.
     breaker: Arc<Breaker>,
+    /// Attempts (first tries included) and retries since start; atomics because concurrent
+    /// calls share the upstream, read at metrics scrape time.
+    attempt_count: std::sync::atomic::AtomicU64,
+    retry_count: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -315,6 +333,8 @@ impl Upstream {
             policy,
             ws_policy,
             breaker: Arc::new(Breaker::new(&cfg.circuit_breaker, &cfg.retry)),
+            attempt_count: std::sync::atomic::AtomicU64::new(0),
+            retry_count: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -488,6 +508,14 @@ impl Upstream {
                     UpstreamErrorKind::Deadline,
                     "deadline exceeded across retries",
                 ));
+            }
+            // Counted only when an attempt really starts: breaker fail-fasts and a passed
+            // deadline are no attempt.
+            self.attempt_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n > 1 {
+                self.retry_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let bounded_by_deadline = left < self.timeout;
             let err = match tokio::time::timeout(left.min(self.timeout), attempt()).await {
