@@ -12,6 +12,7 @@
 //! - `http`: router, tower layers, extractors, handlers. The only module that knows wire shapes.
 //! - `characters`: the character domain service (validation, access, versioning).
 //! - `conversations`: conversations, swipes, SillyTavern chat JSONL.
+//! - `memory`: long-term memory: the memory API, BM25 recall into the prompt, rolling summaries.
 //! - `prompt`: SillyTavern-compatible prompt building: tokens, macros, lorebook, assembly. Pure.
 //! - `store`: the only module that knows redb; index tables and caches.
 //! - `model`: the spec's Character, lorebook, conversation and message types.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod conversations;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod model;
 pub mod prompt;
 pub mod server;

@@ -6,7 +6,10 @@ use crate::characters::CharacterService;
 use crate::config::{Config, ConfigError};
 use crate::conversations::ConversationService;
 use crate::http::{self, AppState};
+use crate::memory::{MemoryConfig, MemoryService};
+use crate::prompt::tokens::Tokenizer;
 use crate::store::{Store, StoreError};
+use crate::upstream::{Upstreams, UpstreamsConfig};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,12 +33,31 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
     let auth = Authenticator::from_config(&config.auth, &config.data_dir)?;
     let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
     let characters = CharacterService::new(store.clone(), config.limits.clone());
-    let conversations = ConversationService::new(store, characters.clone());
+    let conversations = ConversationService::new(store.clone(), characters.clone());
+    // TODO(lead): use `config.upstreams` and `config.memory` once Config has them; until then
+    // the built-in default upstream and memory settings apply.
+    let upstreams =
+        Upstreams::new(&UpstreamsConfig::default()).map_err(|e| ConfigError::Invalid {
+            key: "upstreams".into(),
+            message: e.to_string(),
+        })?;
+    let tokenizer = Tokenizer::cl100k().map_err(|e| ConfigError::Invalid {
+        key: "tokenizer".into(),
+        message: e.to_string(),
+    })?;
+    let memory = MemoryService::new(
+        store,
+        characters.clone(),
+        Arc::new(upstreams),
+        tokenizer,
+        MemoryConfig::default(),
+    );
     Ok(AppState {
         config: Arc::new(config),
         auth: Arc::new(auth),
         characters,
         conversations,
+        memory,
         ready: Arc::new(AtomicBool::new(false)),
     })
 }

@@ -4,6 +4,7 @@
 pub mod characters;
 pub mod conversations;
 pub mod extract;
+pub mod memory;
 pub mod request_id;
 
 use crate::auth::Authenticator;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub characters: CharacterService,
     pub conversations: ConversationService,
+    pub memory: crate::memory::MemoryService,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
 }
@@ -56,6 +58,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/characters/{id}/avatar",
             get(characters::get_avatar).put(characters::put_avatar),
+        )
+        .route(
+            "/api/characters/{id}/memory",
+            get(memory::list).post(memory::update),
         )
         .route(
             "/api/characters/{id}/conversations",

@@ -7,12 +7,14 @@
 
 mod characters;
 mod conversations;
+mod memory;
 mod summary;
 
 pub use characters::{
     parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
 };
 pub use conversations::{CharacterStats, ConversationPage, History, IdempotentRecord};
+pub use memory::SHARED_MEMORY;
 pub use summary::Summary;
 
 use crate::model::Character;
@@ -155,6 +157,8 @@ impl Store {
             txn.open_table(conversations::MESSAGES)?;
             txn.open_table(conversations::CHARACTER_STATS)?;
             txn.open_table(conversations::IDEMPOTENCY)?;
+            txn.open_table(memory::MEMORY)?;
+            txn.open_table(memory::MEMORY_SUMMARY)?;
         }
         txn.commit()?;
         Ok(())
