@@ -84,19 +84,13 @@ fn summary_json(c: &Conversation) -> Value {
     })
 }
 
-fn parse_limit(
-    params: &HashMap<String, String>,
-    default: usize,
-    max: usize,
-) -> Result<usize, ApiError> {
+fn parse_limit(params: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, ApiError> {
     match params.get("limit") {
         Some(v) => v
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| {
-                ApiError::validation("limit", format!("must be an integer from 1 to {max}"))
-            }),
+            .ok_or_else(|| ApiError::validation("limit", format!("must be an integer from 1 to {max}"))),
         None => Ok(default),
     }
 }
@@ -211,10 +205,7 @@ pub async fn delete_message(
     Auth(user): Auth,
     Path((cid, mid)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state
-        .conversations
-        .delete_message(&user, &cid, &mid)
-        .await?;
+    state.conversations.delete_message(&user, &cid, &mid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -256,21 +247,10 @@ pub async fn export(
         .chars()
         .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
         .collect();
-    let file = format!(
-        "{} - {}.jsonl",
-        if safe.trim().is_empty() {
-            "chat"
-        } else {
-            safe.trim()
-        },
-        cid
-    );
+    let file = format!("{} - {}.jsonl", if safe.trim().is_empty() { "chat" } else { safe.trim() }, cid);
     Ok((
         [
-            (
-                header::CONTENT_TYPE,
-                "application/jsonl; charset=utf-8".to_string(),
-            ),
+            (header::CONTENT_TYPE, "application/jsonl; charset=utf-8".to_string()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{}\"", file.replace('"', "")),
@@ -319,10 +299,7 @@ pub async fn import(
         extract::body_bytes(req, &state).await?.to_vec()
     };
     if bytes.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::ValidationError,
-            "chat file is empty",
-        ));
+        return Err(ApiError::new(ErrorCode::ValidationError, "chat file is empty"));
     }
     let h = state.conversations.import_jsonl(&user, &id, &bytes).await?;
     let mut body = summary_json(&h.conversation);
