@@ -771,3 +771,104 @@ async fn plugin_memories_are_private_and_marked_as_plugin() {
         .expect("recall");
     assert_eq!(r.memories[0].id, m.id);
 }
+
+/// Assembles the prompt for `text` with the given memory block and sends it to the fake
+/// upstream, as the interact endpoint does; returns the request body the fake received.
+async fn send_turn(
+    f: &Fixture,
+    upstreams: &Upstreams,
+    text: &str,
+    block: Option<&taproom::prompt::assemble::MemoryBlock>,
+) -> String {
+    use taproom::prompt::assemble::{assemble, Budget, PromptInput, PromptOptions};
+    use taproom::prompt::lorebook::LoreState;
+    use taproom::prompt::{HistoryMessage, Role};
+    use taproom::upstream::{ChatMessage, GenerateRequest};
+    let history = vec![HistoryMessage {
+        role: Role::User,
+        name: "Alice".into(),
+        content: text.into(),
+        tokens: None,
+    }];
+    let options = PromptOptions::default();
+    let lore = LoreState::default();
+    let tokenizer = Tokenizer::cl100k().expect("tokenizer");
+    let prompt = assemble(
+        &PromptInput {
+            character: &f.character,
+            lorebook: None,
+            user_name: "Alice",
+            persona: "",
+            history: &history,
+            memory: block,
+            budget: Budget {
+                max_context_tokens: 4096,
+                max_reply_tokens: 256,
+            },
+            lore_state: &lore,
+            rng_seed: 1,
+            conversation_seed: 2,
+            now: chrono::Utc::now().fixed_offset(),
+            extra_sections: &[],
+            options: &options,
+        },
+        &tokenizer,
+    );
+    let messages: Vec<ChatMessage> = prompt
+        .messages
+        .iter()
+        .map(|m| {
+            let role = serde_json::to_value(m.role).expect("role");
+            ChatMessage::new(role.as_str().unwrap_or("user"), m.content.clone())
+        })
+        .collect();
+    let req = GenerateRequest {
+        character_id: f.character.id.clone(),
+        messages,
+        user_input: text.into(),
+        ..GenerateRequest::default()
+    };
+    upstreams
+        .get(None)
+        .expect("upstream")
+        .generate(&req)
+        .await
+        .expect("generate");
+    f.fake.last_body().expect("body").to_string()
+}
+
+#[tokio::test]
+async fn recall_changes_the_prompt_the_upstream_receives() {
+    let f = fixture(MemoryConfig::default()).await;
+    f.add("Alice's dog Rex is afraid of thunder", 0.5, "user")
+        .await;
+    f.add("Alice collects stamps", 0.5, "user").await;
+    let mut u = UpstreamConfig {
+        kind: UpstreamKind::Openai,
+        url: f.fake.openai_url(),
+        ..UpstreamConfig::default()
+    };
+    u.retry.max_attempts = 1;
+    let mut cfg = UpstreamsConfig::default();
+    cfg.upstreams.insert("main".into(), u);
+    let upstreams = Upstreams::new(&cfg).expect("upstreams");
+
+    let text = "There is a storm coming, how will Rex cope with the thunder?";
+    let without = send_turn(&f, &upstreams, text, None).await;
+    assert!(!without.contains("afraid of thunder"));
+
+    let r = f
+        .memory
+        .recall(&f.user, &f.character, Some(CONV), text, 512, 8)
+        .await
+        .expect("recall");
+    let with = send_turn(&f, &upstreams, text, Some(&r.block)).await;
+    assert!(
+        with.contains("Alice's dog Rex is afraid of thunder"),
+        "{with}"
+    );
+    assert!(
+        !with.contains("collects stamps"),
+        "irrelevant memory recalled: {with}"
+    );
+}
