@@ -872,3 +872,33 @@ async fn recall_changes_the_prompt_the_upstream_receives() {
         "irrelevant memory recalled: {with}"
     );
 }
+
+#[tokio::test]
+async fn a_summary_finishing_after_its_character_was_deleted_is_dropped() {
+    let config = MemoryConfig {
+        summarize_every_turns: 1,
+        ..MemoryConfig::default()
+    };
+    let f = fixture(config).await;
+    f.add("something to delete", 0.5, "user").await;
+    let key = taproom::store::parse_id(&f.character.id).expect("id");
+    // The upstream answers slowly; the character is deleted meanwhile.
+    f.fake
+        .set_latency(support::fake_upstream::Latency::Fixed(300));
+    let handle = f
+        .memory
+        .note_turn(&f.user, &f.character, CONV, &history(1))
+        .expect("started");
+    f.store.delete_character(key).expect("delete");
+    handle.await.expect("task");
+    let cid = taproom::store::parse_id(CONV).expect("conversation id");
+    assert_eq!(
+        f.store.summary_state(key, "alice", cid).expect("state"),
+        Default::default()
+    );
+    assert!(f
+        .store
+        .list_memories(key, "alice")
+        .expect("list")
+        .is_empty());
+}

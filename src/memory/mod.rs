@@ -846,7 +846,13 @@ impl MemoryService {
         let succeeded = state.failures == 0;
         let store = self.inner.store.clone();
         let uid = user.id.clone();
-        if let Err(e) = blocking(move || store.put_summary_state(key, &uid, cid, &state)).await {
+        // The character may have been deleted while the upstream was thinking; the store then
+        // refuses the write and there is nothing left to do.
+        let stored = blocking(move || store.put_summary_state(key, &uid, cid, &state)).await;
+        if matches!(stored, Err(store::StoreError::NotFound(_))) {
+            return;
+        }
+        if let Err(e) = stored {
             tracing::warn!(error = %e, "cannot store the conversation summary");
             return;
         }

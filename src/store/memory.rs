@@ -173,7 +173,7 @@ impl Store {
         }
     }
 
-    /// Stores the summarizer state of one conversation.
+    /// Stores the summarizer state of one conversation; `NotFound` once the character is gone.
     pub fn put_summary_state(
         &self,
         character: u128,
@@ -182,6 +182,12 @@ impl Store {
         state: &SummaryState,
     ) -> Result<(), StoreError> {
         let txn = self.memory_txn()?;
+        // Checked in the same transaction so a summary never outlives its character.
+        if txn.open_table(super::CHARACTERS)?.get(character)?.is_none() {
+            return Err(StoreError::NotFound(
+                uuid::Uuid::from_u128(character).to_string(),
+            ));
+        }
         txn.open_table(MEMORY_SUMMARY)?.insert(
             (character, user, conversation),
             encode_record(state)?.as_slice(),
