@@ -902,3 +902,68 @@ async fn a_summary_finishing_after_its_character_was_deleted_is_dropped() {
         .expect("list")
         .is_empty());
 }
+
+#[tokio::test]
+async fn with_an_embeddings_upstream_semantic_similarity_joins_recall() {
+    let config = MemoryConfig {
+        embeddings_upstream: Some("main".into()),
+        ..MemoryConfig::default()
+    };
+    let f = fixture(config).await;
+    // Only stop words: BM25 cannot match it, an embedding of the same text can.
+    let text = "it is what it is";
+    let id = f.add(text, 0.1, "user").await;
+    let key = taproom::store::parse_id(&f.character.id).expect("id");
+    let mid = taproom::store::parse_id(&id).expect("memory id");
+    // The vector is written in the background; wait for it.
+    let mut stored = false;
+    for _ in 0..200 {
+        let vectors = f.store.list_memory_vectors(key, "alice").expect("vectors");
+        if vectors.iter().any(|(v, vec)| *v == mid && !vec.is_empty()) {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(stored, "the memory's embedding was stored");
+    let r = f
+        .memory
+        .recall_preview(&f.user, &f.character, None, text, 512, 8)
+        .await
+        .expect("recall");
+    assert_eq!(r.memories.first().map(|m| m.id.clone()), Some(id.clone()));
+    assert!(f
+        .fake
+        .requests()
+        .iter()
+        .any(|r| r.path.ends_with("/embeddings")));
+
+    // Without embeddings the same recall finds nothing.
+    let plain = fixture(MemoryConfig::default()).await;
+    plain.add(text, 0.1, "user").await;
+    let r = plain
+        .memory
+        .recall_preview(&plain.user, &plain.character, None, text, 512, 8)
+        .await
+        .expect("recall");
+    assert!(r.memories.is_empty());
+
+    // Removing the memory removes its vector.
+    f.memory
+        .apply(
+            &f.user,
+            &f.character.id,
+            MemoryOperation::Remove,
+            MemoryInput {
+                id: Some(id),
+                ..MemoryInput::default()
+            },
+        )
+        .await
+        .expect("remove");
+    assert!(f
+        .store
+        .list_memory_vectors(key, "alice")
+        .expect("vectors")
+        .is_empty());
+}

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`types`]: `ConversationMemory`, `MemorySummary` and the summarizer state.
 //! - [`rank`]: the BM25 index and the documented relevance + importance + recency score. Pure.
+//! - [`embed`]: optional embeddings (OpenAI-compatible `/embeddings`) and cosine similarity.
 //! - [`summarize`]: summarizer and fact-extraction prompts and reply parsing. Pure.
 //!
 //! # Scopes
@@ -20,6 +21,7 @@
 //! recall never sees an index older than the last acknowledged write. `recallCount` and
 //! `lastRecalledAt` are written by a background task after the recall has returned.
 
+pub mod embed;
 pub mod rank;
 pub mod summarize;
 pub mod types;
@@ -70,6 +72,13 @@ pub struct MemoryConfig {
     pub summary_window_messages: usize,
     /// (character, user) recall indexes kept in memory.
     pub index_cache_capacity: u64,
+    /// Name of an upstream with an OpenAI-compatible `/embeddings` endpoint; when set, memories
+    /// are embedded in the background on write (vectors stored in redb) and semantic
+    /// similarity joins the recall score. Unset: BM25 only.
+    pub embeddings_upstream: Option<String>,
+    /// Longest wait for the query embedding during a recall; past it the recall uses BM25
+    /// only, so a slow embeddings server never stalls a turn.
+    pub embed_timeout_ms: u64,
 }
 
 impl Default for MemoryConfig {
@@ -82,6 +91,8 @@ impl Default for MemoryConfig {
             summary_max_words: 200,
             summary_window_messages: 40,
             index_cache_capacity: 1024,
+            embeddings_upstream: None,
+            embed_timeout_ms: 500,
         }
     }
 }
@@ -397,6 +408,7 @@ impl MemoryService {
                 self.after_write(key, &scope_user, |ix| {
                     ix.upsert(scope_user.clone(), current.clone())
                 });
+                self.spawn_embeddings(key, &scope_user, std::slice::from_ref(&current));
                 Ok(current)
             }
             MemoryOperation::Remove => {
@@ -508,6 +520,7 @@ impl MemoryService {
                 ix.upsert(scope_user.clone(), e.clone());
             }
         });
+        self.spawn_embeddings(key, &scope_user, &entries);
         Ok(entries)
     }
 
@@ -618,7 +631,13 @@ impl MemoryService {
                     .into_iter()
                     .map(|m| (SHARED_MEMORY.to_string(), m)),
             );
-            Ok(MemoryIndex::build(all))
+            let mut index = MemoryIndex::build(all);
+            for scope_user in [uid.as_str(), SHARED_MEMORY] {
+                for (id, v) in store.list_memory_vectors(key, scope_user)? {
+                    index.set_vector(id, v);
+                }
+            }
+            Ok(index)
         })
         .await?;
         let cached = Arc::new(RwLock::new(CachedIndex {
@@ -679,6 +698,7 @@ impl MemoryService {
             None => None,
         };
         let used = summary.as_ref().map_or(0, |s| s.tokens as usize);
+        let query_vector = self.query_vector(query_text).await;
         let cached = self.index_for(key, &user.id).await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let memories = {
@@ -688,10 +708,11 @@ impl MemoryService {
             // Usually the best few candidates fill top-k; rank them all only when the budget
             // skipped so many that the short list ran out.
             let keep = top_k.saturating_mul(8).max(32);
-            let (ranked, total) = guard.index.rank_top(query_text, now_ms, keep);
+            let qv = query_vector.as_deref();
+            let (ranked, total) = guard.index.rank_top(query_text, qv, now_ms, keep);
             let (picked, _) = select(&guard.index, &ranked, budget_tokens, used, top_k);
             if picked.len() < top_k && total > ranked.len() {
-                let all = guard.index.rank(query_text, now_ms);
+                let (all, _) = guard.index.rank_top(query_text, qv, now_ms, usize::MAX);
                 select(&guard.index, &all, budget_tokens, used, top_k).0
             } else {
                 picked
@@ -707,6 +728,86 @@ impl MemoryService {
             memories,
             block,
         })
+    }
+
+    /// The query's embedding, when an embeddings upstream is configured and answers in time.
+    async fn query_vector(&self, text: &str) -> Option<Vec<f32>> {
+        let name = self.inner.config.embeddings_upstream.as_deref()?;
+        if text.trim().is_empty() {
+            return None;
+        }
+        let up = match self.inner.upstreams.get(Some(name)) {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::warn!(error = %e, "embeddings upstream is not configured");
+                return None;
+            }
+        };
+        let timeout = std::time::Duration::from_millis(self.inner.config.embed_timeout_ms);
+        let inputs = [text.to_string()];
+        match tokio::time::timeout(timeout, embed::embed(&up, &inputs)).await {
+            Ok(Ok(mut v)) => v.pop(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "query embedding failed; recalling with BM25 only");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("query embedding timed out; recalling with BM25 only");
+                None
+            }
+        }
+    }
+
+    /// Embeds written entries in the background and stores their vectors (no-op without an
+    /// embeddings upstream). A failure leaves those entries to BM25 only.
+    fn spawn_embeddings(&self, key: u128, scope_user: &str, entries: &[ConversationMemory]) {
+        let Some(name) = self.inner.config.embeddings_upstream.clone() else {
+            return;
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let scope_user = scope_user.to_string();
+        let items: Vec<(u128, String)> = entries
+            .iter()
+            .filter_map(|m| {
+                let id = store::parse_id(&m.id)?;
+                let mut text = m.content.clone();
+                for t in &m.tags {
+                    text.push(' ');
+                    text.push_str(t);
+                }
+                Some((id, text))
+            })
+            .collect();
+        tokio::spawn(async move {
+            let up = match this.inner.upstreams.get(Some(&name)) {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::warn!(error = %e, "embeddings upstream is not configured");
+                    return;
+                }
+            };
+            let texts: Vec<String> = items.iter().map(|(_, t)| t.clone()).collect();
+            let vectors = match embed::embed(&up, &texts).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "embedding memories failed; they recall by BM25 only");
+                    return;
+                }
+            };
+            for ((id, _), vector) in items.into_iter().zip(vectors) {
+                let store = this.inner.store.clone();
+                let su = scope_user.clone();
+                let v = vector.clone();
+                match blocking(move || store.put_memory_vector(key, &su, id, &v)).await {
+                    Ok(true) => this.after_write(key, &scope_user, |ix| ix.set_vector(id, vector)),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot store a memory embedding"),
+                }
+            }
+        });
     }
 
     /// Counts a recall on the recalled entries, off the request path.

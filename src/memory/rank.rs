@@ -8,6 +8,12 @@
 //!       + 0.25 · importance                 (0..1, set by whoever wrote the memory)
 //!       + 0.15 · 0.5^(age_days / 30)        (recency: halves every 30 days since updatedAt)
 //! ```
+//! With an embeddings upstream configured, semantic similarity joins the score:
+//! ```text
+//! score = 0.35 · bm25 / max_bm25 + 0.35 · max(0, cosine) + 0.20 · importance + 0.10 · recency
+//! ```
+//! and memories whose cosine similarity to the query is at least 0.5 become candidates too.
+//!
 //! Only memories that share at least one term with the query are candidates, plus "standing"
 //! memories with importance ≥ 0.8 (a user's name, a hard preference), which are worth recalling
 //! whatever was just said. Relevance dominates: a memory matching the query best always
@@ -25,6 +31,10 @@ pub const W_IMPORTANCE: f64 = 0.25;
 pub const W_RECENCY: f64 = 0.15;
 /// Recency halves every this many days.
 pub const HALF_LIFE_DAYS: f64 = 30.0;
+/// Weights when semantic similarity is available: relevance, similarity, importance, recency.
+pub const SEMANTIC_WEIGHTS: [f64; 4] = [0.35, 0.35, 0.20, 0.10];
+/// Cosine similarity that makes a memory a candidate without a matching term.
+pub const SEMANTIC_MIN: f64 = 0.5;
 /// Memories at least this important are candidates even without a matching term.
 pub const STANDING_IMPORTANCE: f64 = 0.8;
 
@@ -53,6 +63,8 @@ pub struct MemoryIndex {
     embedder: Embedder,
     scorer: Scorer<u128>,
     entries: HashMap<u128, Indexed>,
+    /// Embeddings by memory id (only with an embeddings upstream).
+    vectors: HashMap<u128, Vec<f32>>,
 }
 
 impl std::fmt::Debug for MemoryIndex {
@@ -85,6 +97,7 @@ impl MemoryIndex {
             embedder,
             scorer: Scorer::new(),
             entries: HashMap::with_capacity(memories.len()),
+            vectors: HashMap::new(),
         };
         for ((scope_user, m), text) in memories.into_iter().zip(texts) {
             index.insert_with_text(scope_user, m, &text);
@@ -119,6 +132,14 @@ impl MemoryIndex {
     pub fn remove(&mut self, id: u128) {
         self.scorer.remove(&id);
         self.entries.remove(&id);
+        self.vectors.remove(&id);
+    }
+
+    /// Sets the embedding of an indexed memory.
+    pub fn set_vector(&mut self, id: u128, vector: Vec<f32>) {
+        if self.entries.contains_key(&id) {
+            self.vectors.insert(id, vector);
+        }
     }
 
     /// Number of indexed memories.
@@ -154,12 +175,19 @@ impl MemoryIndex {
     /// All candidates for `query` ranked by the combined score, best first; ties go to the
     /// newer memory so the order is deterministic.
     pub fn rank(&self, query: &str, now_ms: i64) -> Vec<Ranked> {
-        self.rank_top(query, now_ms, usize::MAX).0
+        self.rank_top(query, None, now_ms, usize::MAX).0
     }
 
     /// The best `keep` candidates, best first, and how many candidates there were in all.
     /// Selecting before sorting keeps a recall over thousands of candidates cheap.
-    pub fn rank_top(&self, query: &str, now_ms: i64, keep: usize) -> (Vec<Ranked>, usize) {
+    /// With `query_vector`, semantic similarity joins the score (see the module docs).
+    pub fn rank_top(
+        &self,
+        query: &str,
+        query_vector: Option<&[f32]>,
+        now_ms: i64,
+        keep: usize,
+    ) -> (Vec<Ranked>, usize) {
         let matches = self.search(query);
         let max = matches
             .iter()
@@ -167,6 +195,16 @@ impl MemoryIndex {
             .fold(0.0f64, f64::max);
         let mut out: Vec<Ranked> = Vec::with_capacity(matches.len() + 16);
         let mut matched: HashSet<u128> = HashSet::with_capacity(matches.len());
+        let similarity = |id: &u128| -> f64 {
+            match (query_vector, self.vectors.get(id)) {
+                (Some(q), Some(v)) => super::embed::cosine(q, v).max(0.0),
+                _ => 0.0,
+            }
+        };
+        let score = |rel: f64, sim: f64, e: &Indexed| match query_vector {
+            Some(_) => combined_semantic(rel, sim, e.memory.importance, e.updated_ms, now_ms),
+            None => combined(rel, e.memory.importance, e.updated_ms, now_ms),
+        };
         if max > 0.0 {
             for (id, s) in &matches {
                 let Some(e) = self.entries.get(id) else {
@@ -176,16 +214,20 @@ impl MemoryIndex {
                 matched.insert(*id);
                 out.push(Ranked {
                     id: *id,
-                    score: combined(rel, e.memory.importance, e.updated_ms, now_ms),
+                    score: score(rel, similarity(id), e),
                     relevance: rel,
                 });
             }
         }
         for (id, e) in &self.entries {
-            if e.memory.importance >= STANDING_IMPORTANCE && !matched.contains(id) {
+            if matched.contains(id) {
+                continue;
+            }
+            let sim = similarity(id);
+            if e.memory.importance >= STANDING_IMPORTANCE || sim >= SEMANTIC_MIN {
                 out.push(Ranked {
                     id: *id,
-                    score: combined(0.0, e.memory.importance, e.updated_ms, now_ms),
+                    score: score(0.0, sim, e),
                     relevance: 0.0,
                 });
             }
@@ -206,6 +248,20 @@ pub fn combined(relevance: f64, importance: f64, updated_ms: i64, now_ms: i64) -
     let age_days = ((now_ms - updated_ms).max(0) as f64) / DAY_MS;
     let recency = 0.5f64.powf(age_days / HALF_LIFE_DAYS);
     W_RELEVANCE * relevance + W_IMPORTANCE * importance.clamp(0.0, 1.0) + W_RECENCY * recency
+}
+
+/// The documented combination when semantic similarity is available.
+pub fn combined_semantic(
+    relevance: f64,
+    similarity: f64,
+    importance: f64,
+    updated_ms: i64,
+    now_ms: i64,
+) -> f64 {
+    let age_days = ((now_ms - updated_ms).max(0) as f64) / DAY_MS;
+    let recency = 0.5f64.powf(age_days / HALF_LIFE_DAYS);
+    let [w_rel, w_sim, w_imp, w_rec] = SEMANTIC_WEIGHTS;
+    w_rel * relevance + w_sim * similarity + w_imp * importance.clamp(0.0, 1.0) + w_rec * recency
 }
 
 /// A recalled memory as the prompt and `dryRun` see it.
@@ -351,10 +407,23 @@ mod tests {
             .collect();
         let index = MemoryIndex::build(memories);
         let full = index.rank("tea", NOW);
-        let (top, total) = index.rank_top("tea", NOW, 5);
+        let (top, total) = index.rank_top("tea", None, NOW, 5);
         assert_eq!(total, 50);
         assert_eq!(top, full[..5].to_vec());
         assert_eq!(top[0].id, 50);
+    }
+
+    #[test]
+    fn semantic_similarity_recalls_without_a_matching_term() {
+        let mut index = MemoryIndex::build(vec![
+            mem(1, "The user adores felines", 0.1, 0, &[]),
+            mem(2, "The user owns a boat", 0.1, 0, &[]),
+        ]);
+        index.set_vector(1, vec![1.0, 0.0]);
+        index.set_vector(2, vec![0.0, 1.0]);
+        assert!(index.rank("cats", NOW).is_empty());
+        let (ranked, _) = index.rank_top("cats", Some(&[0.9, 0.1]), NOW, 10);
+        assert_eq!(ranked.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]

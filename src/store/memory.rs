@@ -14,6 +14,11 @@ pub(crate) const MEMORY: TableDefinition<(u128, &str, u128), &[u8]> =
 pub(crate) const MEMORY_SUMMARY: TableDefinition<(u128, &str, u128), &[u8]> =
     TableDefinition::new("memory_summary");
 
+/// (character, scope user, id) → embedding vector (little-endian f32s), when an embeddings
+/// upstream is configured.
+pub(crate) const MEMORY_VECTORS: TableDefinition<(u128, &str, u128), &[u8]> =
+    TableDefinition::new("memory_vectors");
+
 /// The key owner of the character's shared memory.
 pub const SHARED_MEMORY: &str = "";
 
@@ -92,6 +97,8 @@ impl Store {
         };
         if removed.is_some() {
             adjust_memory_count(&txn, character, -1)?;
+            txn.open_table(MEMORY_VECTORS)?
+                .remove((character, scope_user, id))?;
         }
         txn.commit()?;
         Ok(removed)
@@ -156,6 +163,52 @@ impl Store {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Stores the embedding of an entry that still exists (a vector computed for an entry
+    /// removed meanwhile is dropped).
+    pub fn put_memory_vector(
+        &self,
+        character: u128,
+        scope_user: &str,
+        id: u128,
+        vector: &[f32],
+    ) -> Result<bool, StoreError> {
+        let txn = self.memory_txn()?;
+        let exists = txn
+            .open_table(MEMORY)?
+            .get((character, scope_user, id))?
+            .is_some();
+        if exists {
+            let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+            txn.open_table(MEMORY_VECTORS)?
+                .insert((character, scope_user, id), bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(exists)
+    }
+
+    /// Every stored embedding of one (character, scope user).
+    pub fn list_memory_vectors(
+        &self,
+        character: u128,
+        scope_user: &str,
+    ) -> Result<Vec<(u128, Vec<f32>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MEMORY_VECTORS)?;
+        let mut out = Vec::new();
+        for item in
+            table.range((character, scope_user, 0u128)..=(character, scope_user, u128::MAX))?
+        {
+            let (k, v) = item?;
+            let vector = v
+                .value()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.push((k.value().2, vector));
+        }
+        Ok(out)
     }
 
     /// The summarizer state of one conversation (default when none was stored).
@@ -238,7 +291,7 @@ pub(crate) fn delete_character_memories(
     txn: &WriteTransaction,
     character: u128,
 ) -> Result<(), StoreError> {
-    for def in [MEMORY, MEMORY_SUMMARY] {
+    for def in [MEMORY, MEMORY_SUMMARY, MEMORY_VECTORS] {
         let mut table = txn.open_table(def)?;
         let keys: Vec<(String, u128)> = {
             let lower = (character, "", 0u128);

@@ -159,6 +159,7 @@ impl Store {
             txn.open_table(conversations::IDEMPOTENCY)?;
             txn.open_table(memory::MEMORY)?;
             txn.open_table(memory::MEMORY_SUMMARY)?;
+            txn.open_table(memory::MEMORY_VECTORS)?;
         }
         txn.commit()?;
         Ok(())
