@@ -19,7 +19,9 @@
 //! One BM25 index per (character, user) covering both scopes is cached in moka. Writes through
 //! this service update a cached index in place or mark it stale with a generation counter, so a
 //! recall never sees an index older than the last acknowledged write. `recallCount` and
-//! `lastRecalledAt` are written by a background task after the recall has returned.
+//! `lastRecalledAt` are written by a background task after the recall has returned. With an
+//! embeddings upstream, memories are embedded in the background on write and the query's
+//! embedding is awaited for at most `embed_timeout_ms`, falling back to BM25 alone.
 
 pub mod embed;
 pub mod rank;

@@ -220,11 +220,14 @@ impl MemoryIndex {
             }
         }
         for (id, e) in &self.entries {
-            if matched.contains(id) {
+            let standing = e.memory.importance >= STANDING_IMPORTANCE;
+            // Cheap test first: without a query vector only standing memories can join, and
+            // the hash lookups below are most of this loop's cost over thousands of entries.
+            if (!standing && query_vector.is_none()) || matched.contains(id) {
                 continue;
             }
             let sim = similarity(id);
-            if e.memory.importance >= STANDING_IMPORTANCE || sim >= SEMANTIC_MIN {
+            if standing || sim >= SEMANTIC_MIN {
                 out.push(Ranked {
                     id: *id,
                     score: score(0.0, sim, e),
