@@ -43,6 +43,10 @@ pub struct Config {
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub rate_limit: RateLimitConfig,
+    /// Long-term memory (`[memory]`).
+    pub memory: crate::memory::MemoryConfig,
+    /// Behaviour plugins (`[plugins]`).
+    pub plugins: crate::plugins::PluginsConfig,
     /// Named upstreams (`[upstreams]`), see `config/taproom.toml`.
     pub upstreams: crate::upstream::UpstreamsConfig,
 }
@@ -196,6 +200,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            memory: crate::memory::MemoryConfig::default(),
+            plugins: crate::plugins::PluginsConfig::default(),
             upstreams: crate::upstream::UpstreamsConfig::default(),
         }
     }
@@ -304,6 +310,7 @@ impl Config {
             self.log = v.clone();
         }
         self.upstreams.apply_env(env);
+        self.plugins.apply_env(env);
         Ok(())
     }
 
@@ -341,6 +348,10 @@ impl Config {
         }
         if let Err(message) = self.upstreams.validate() {
             let (key, why) = message.split_once(": ").unwrap_or(("upstreams", &message));
+            return Err(invalid(key, why));
+        }
+        if let Err(message) = self.plugins.validate() {
+            let (key, why) = message.split_once(": ").unwrap_or(("plugins", &message));
             return Err(invalid(key, why));
         }
         let alg = self.auth.algorithm.as_str();

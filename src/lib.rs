@@ -14,6 +14,7 @@
 //! - `characters`: the character domain service (validation, access, versioning).
 //! - `conversations`: conversations, swipes, SillyTavern chat JSONL.
 //! - `interact`: one chat turn: prepare → generate (whole or streamed) → store.
+//! - `memory`: long-term memory: the memory API, BM25 recall into the prompt, rolling summaries.
 //! - `prompt`: SillyTavern-compatible prompt building: tokens, macros, lorebook, assembly. Pure.
 //! - `store`: the only module that knows redb; index tables and caches.
 //! - `model`: the spec's Character, lorebook, conversation and message types.
@@ -37,6 +38,7 @@ pub mod conversations;
 pub mod error;
 pub mod http;
 pub mod interact;
+pub mod memory;
 pub mod model;
 pub mod plugins;
 pub mod metrics;

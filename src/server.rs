@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use crate::memory::{MemoryConfig, MemoryService};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,6 +57,13 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
     let characters = CharacterService::new(store.clone(), config.limits.clone());
     let conversations = ConversationService::new(store.clone(), characters.clone());
     let tokenizer = Tokenizer::cl100k().map_err(|e| StartError::Tokenizer(e.to_string()))?;
+    let memory = MemoryService::new(
+        store.clone(),
+        characters.clone(),
+        upstreams.clone(),
+        tokenizer.clone(),
+        config.memory.clone(),
+    );
     let interact = InteractService::new(
         store,
         characters.clone(),
@@ -71,6 +79,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         auth: Arc::new(auth),
         characters,
         conversations,
+        memory,
         ready: Arc::new(AtomicBool::new(false)),
         upstreams,
         metrics: Arc::new(metrics),

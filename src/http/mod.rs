@@ -8,6 +8,7 @@ pub mod interact;
 pub mod openai;
 pub mod ops;
 pub mod rate_limit;
+pub mod memory;
 pub mod request_id;
 pub mod ws;
 
@@ -41,6 +42,7 @@ pub struct AppState {
     pub characters: CharacterService,
     pub conversations: ConversationService,
     pub interact: crate::interact::InteractService,
+    pub memory: crate::memory::MemoryService,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
     /// Generation backends with their breakers; `/readyz` and `/metrics` read their state.
@@ -68,6 +70,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/characters/{id}/avatar",
             get(characters::get_avatar).put(characters::put_avatar),
+        )
+        .route(
+            "/api/characters/{id}/memory",
+            get(memory::list).post(memory::update),
         )
         .route(
             "/api/characters/{id}/conversations",

@@ -306,6 +306,7 @@ impl Store {
                 counts.insert(owner, count - 1)?;
             }
             removed_conversations = super::conversations::delete_character_conversations(&txn, id)?;
+            super::memory::delete_character_memories(&txn, id)?;
         }
         txn.commit()?;
         self.cache.insert(id, Cached::Gone);

@@ -8,6 +8,7 @@
 mod backup;
 mod characters;
 mod conversations;
+mod memory;
 mod summary;
 
 pub use backup::{check_backup, snapshot_file};
@@ -15,6 +16,7 @@ pub use characters::{
     parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
 };
 pub use conversations::{CharacterStats, ConversationPage, History, IdempotentRecord};
+pub use memory::SHARED_MEMORY;
 pub use summary::Summary;
 
 use crate::model::Character;
@@ -173,6 +175,9 @@ impl Store {
             txn.open_table(conversations::MESSAGES)?;
             txn.open_table(conversations::CHARACTER_STATS)?;
             txn.open_table(conversations::IDEMPOTENCY)?;
+            txn.open_table(memory::MEMORY)?;
+            txn.open_table(memory::MEMORY_SUMMARY)?;
+            txn.open_table(memory::MEMORY_VECTORS)?;
         }
         txn.commit()?;
         Ok(())
