@@ -95,6 +95,8 @@ pub struct Prepared {
     /// The message a swipe is added to (regenerate).
     pub swipe_base: Option<StoredMessage>,
     pub idempotency: Option<(String, u64)>,
+    /// Memories recalled into the prompt (shown by dry runs).
+    pub recalled: Vec<crate::memory::RecalledMemory>,
 }
 
 /// How a generation ended, for storage.
@@ -131,6 +133,7 @@ pub struct InteractService {
     store: Store,
     characters: CharacterService,
     conversations: ConversationService,
+    memory: crate::memory::MemoryService,
     upstreams: Arc<Upstreams>,
     tokenizer: Arc<Tokenizer>,
     prompt: PromptConfig,
@@ -183,6 +186,7 @@ impl InteractService {
         store: Store,
         characters: CharacterService,
         conversations: ConversationService,
+        memory: crate::memory::MemoryService,
         upstreams: Arc<Upstreams>,
         tokenizer: Arc<Tokenizer>,
         prompt: PromptConfig,
@@ -191,6 +195,7 @@ impl InteractService {
             store,
             characters,
             conversations,
+            memory,
             upstreams,
             tokenizer,
             prompt,
@@ -283,7 +288,7 @@ impl InteractService {
     }
 
     /// Prepares a user turn: conversation, user message, prompt, upstream request.
-    pub fn prepare_turn(&self, user: &User, input: &TurnInput) -> Result<Prepared, ApiError> {
+    pub async fn prepare_turn(&self, user: &User, input: &TurnInput) -> Result<Prepared, ApiError> {
         let character = self.interactable(&input.character_id, user)?;
         let message = input.message.trim_end();
         if message.trim().is_empty() {
@@ -345,13 +350,16 @@ impl InteractService {
         conversation.message_count = messages.len() as u64;
         conversation.next_seq = seq + 1;
 
+        let (memory, recalled) = self
+            .recall(user, &character, &conversation, &messages, input.params.dry_run)
+            .await?;
         let prompt = self.assemble(
             &character,
             &conversation,
             &messages,
             &input.params,
             &[],
-            None,
+            memory.as_ref(),
         )?;
         let upstream = self
             .upstreams
@@ -377,11 +385,46 @@ impl InteractService {
             target: ReplyTarget::NewMessage(seq + 1),
             swipe_base: None,
             idempotency: None,
+            recalled,
         })
     }
 
+    /// The summary and memories relevant to the last few messages. Dry runs do not count as
+    /// recalls. A conversation that is not stored yet has no summary.
+    async fn recall(
+        &self,
+        user: &User,
+        character: &Character,
+        conversation: &Conversation,
+        messages: &[StoredMessage],
+        dry_run: bool,
+    ) -> Result<(Option<MemoryBlock>, Vec<crate::memory::RecalledMemory>), ApiError> {
+        let query: Vec<&str> = messages
+            .iter()
+            .rev()
+            .take(3)
+            .map(|m| m.content.as_str())
+            .collect();
+        let query = query.join("\n");
+        let cfg = self.memory.config();
+        let (budget, top_k) = (cfg.budget_tokens, cfg.recall_top_k);
+        let cid = (conversation.message_count > 0).then_some(conversation.id.as_str());
+        let recall = if dry_run {
+            self.memory
+                .recall_preview(user, character, cid, &query, budget, top_k)
+                .await?
+        } else {
+            self.memory
+                .recall(user, character, cid, &query, budget, top_k)
+                .await?
+        };
+        let block = (!recall.block.summary.is_empty() || !recall.block.recalled.is_empty())
+            .then_some(recall.block);
+        Ok((block, recall.memories))
+    }
+
     /// Prepares a regeneration of the conversation's last character reply (a new swipe).
-    pub fn prepare_regenerate(
+    pub async fn prepare_regenerate(
         &self,
         user: &User,
         cid: &str,
@@ -410,7 +453,10 @@ impl InteractService {
             .unwrap_or_default();
         let mut conversation = h.conversation.clone();
         conversation.last_activity = crate::time::now_rfc3339();
-        let prompt = self.assemble(&character, &conversation, &earlier, params, &[], None)?;
+        let (memory, recalled) = self
+            .recall(user, &character, &conversation, &earlier, params.dry_run)
+            .await?;
+        let prompt = self.assemble(&character, &conversation, &earlier, params, &[], memory.as_ref())?;
         let upstream = self
             .upstreams
             .get(params.upstream.as_deref())
@@ -435,6 +481,7 @@ impl InteractService {
             target: ReplyTarget::Swipe(last.seq),
             swipe_base: Some(last.clone()),
             idempotency: None,
+            recalled,
         })
     }
 
@@ -578,6 +625,9 @@ impl InteractService {
             "messages": p.request.messages,
             "request": p.request,
             "itemization": p.prompt.itemization,
+            "memory": p.recalled.iter().map(|m| json!({
+                "id": m.id, "content": m.content, "score": m.score, "kind": m.kind, "scope": m.scope,
+            })).collect::<Vec<_>>(),
         })
     }
 

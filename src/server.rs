@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use crate::memory::{MemoryConfig, MemoryService};
+use crate::memory::MemoryService;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,6 +68,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         store,
         characters.clone(),
         conversations.clone(),
+        memory.clone(),
         upstreams.clone(),
         tokenizer,
         config.prompt.clone(),

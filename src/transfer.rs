@@ -280,7 +280,7 @@ pub async fn import_dir(
         }
         c.creator_id = manifest.user.clone();
         // An import restores what the user already had, so the quota does not apply.
-        store.create_character(&c, avatar.as_ref(), u64::MAX)?;
+        store.create_character(&mut c, avatar.as_ref(), u64::MAX)?;
         report.characters += 1;
     }
     for chat in &manifest.chats {

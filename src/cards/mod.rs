@@ -143,6 +143,7 @@ pub struct NewCharacterMeta {
 impl CardCharacter {
     /// A new [`Character`] from these pieces: active, version 1, usage 0.
     pub fn into_character(self, meta: NewCharacterMeta) -> Character {
+        let meta_name_for_slug = self.name.clone();
         Character {
             id: meta.id,
             name: self.name,
@@ -162,6 +163,7 @@ impl CardCharacter {
             creator_id: meta.creator_id,
             group_id: None,
             version: 1,
+            slug: Some(crate::characters::slugify(&meta_name_for_slug)),
         }
     }
 

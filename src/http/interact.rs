@@ -87,7 +87,7 @@ pub async fn interact(
     };
     let service = &state.interact;
     if input.params.dry_run {
-        let p = service.prepare_turn(&user, &input)?;
+        let p = service.prepare_turn(&user, &input).await?;
         return Ok(Json(service.dry_run_json(&p)).into_response());
     }
     // Streams cannot be replayed, so idempotency applies to whole (JSON) replies.
@@ -110,7 +110,7 @@ pub async fn interact(
         }
         _ => None,
     };
-    let prepared = service.prepare_turn(&user, &input)?;
+    let prepared = service.prepare_turn(&user, &input).await?;
     if sse {
         return Ok(sse_response(state.clone(), prepared));
     }
@@ -144,7 +144,7 @@ pub async fn regenerate(
         }
         super::extract::parse_json::<RegenerateRequest>(&bytes)?.parameters
     };
-    let prepared = state.interact.prepare_regenerate(&user, &cid, &params)?;
+    let prepared = state.interact.prepare_regenerate(&user, &cid, &params).await?;
     if params.dry_run {
         return Ok(Json(state.interact.dry_run_json(&prepared)).into_response());
     }

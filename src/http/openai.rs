@@ -15,7 +15,7 @@ use crate::store::{CharacterQuery, CharacterSort, Scope};
 use crate::upstream::{ChatMessage, GenParams, GenerateRequest, StreamEvent};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -296,8 +296,8 @@ pub async fn chat_completions(
 async fn chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let user = caller(state, headers)?;
     let req: ChatRequest = super::extract::parse_json(&body)?;
-    if let Some(rest) = req.model.strip_prefix("char-") {
-        return character_chat(state, headers, &user, rest, req).await;
+    if let Some(rest) = req.model.strip_prefix("char-").map(str::to_string) {
+        return character_chat(state, headers, &user, &rest, req).await;
     }
     let cfg = &state.config.openai;
     if !cfg.passthrough
@@ -426,7 +426,7 @@ async fn character_chat(
         params,
         idempotency_key: None,
     };
-    let prepared = state.interact.prepare_turn(user, &input)?;
+    let prepared = state.interact.prepare_turn(user, &input).await?;
     let cid = prepared.conversation.id.clone();
     let mut response = if req.stream {
         stream_response(state, prepared, model)

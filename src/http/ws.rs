@@ -296,7 +296,7 @@ async fn handle_text(
                 params: payload.parameters,
                 idempotency_key: None,
             };
-            let prepared = match state.interact.prepare_turn(user, &input) {
+            let prepared = match state.interact.prepare_turn(user, &input).await {
                 Ok(p) => p,
                 Err(err) => {
                     let _ = out.send(error_frame(Some(&gen_id), &err, request_id)).await;
