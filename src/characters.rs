@@ -177,6 +177,56 @@ impl CharacterService {
         .await?)
     }
 
+    /// Creates a character from an imported card (its image, if any, becomes the avatar).
+    pub async fn create_from_card(
+        &self,
+        user: &User,
+        card: crate::cards::ImportedCard,
+    ) -> Result<Character, ApiError> {
+        let id = Uuid::now_v7();
+        let (avatar_url, stored_avatar) = match card.avatar {
+            Some(a) => match self.prepare_avatar(id, AvatarInput::Image(a.bytes)) {
+                Ok(prepared) => prepared,
+                // A card whose picture cannot be used still imports, without an avatar.
+                Err(e) if e.code == ErrorCode::ValidationError => (None, None),
+                Err(e) => return Err(e),
+            },
+            None => (None, None),
+        };
+        let mut character = card
+            .character
+            .into_character(crate::cards::NewCharacterMeta {
+                id: id.to_string(),
+                creator_id: user.id.clone(),
+                now: crate::time::now_rfc3339(),
+                avatar_url,
+                is_public: false,
+            });
+        character.name = validate_name(&character.name)
+            .map_err(|e| ApiError::new(ErrorCode::CharacterInvalidData, e.message))?;
+        validate_description(&character.description)
+            .map_err(|e| ApiError::new(ErrorCode::CharacterInvalidData, e.message))?;
+        if character.tags.len() > MAX_TAGS
+            || character
+                .tags
+                .iter()
+                .any(|t| t.chars().count() > MAX_TAG_CHARS)
+        {
+            return Err(ApiError::new(
+                ErrorCode::CharacterInvalidData,
+                format!("tags: at most {MAX_TAGS} tags of at most {MAX_TAG_CHARS} characters"),
+            ));
+        }
+        let store = self.store.clone();
+        let quota = self.limits.max_characters_per_user;
+        Ok(blocking(move || {
+            store
+                .create_character(&mut character, stored_avatar.as_ref(), quota)
+                .map(|_| character)
+        })
+        .await?)
+    }
+
     /// A character the caller may view (anyone, even anonymous, for public characters).
     pub fn get(&self, id: &str, user: Option<&User>) -> Result<Arc<Character>, ApiError> {
         let c = self.load(id)?;
@@ -516,7 +566,12 @@ pub fn slugify(name: &str) -> String {
         }
     }
     let mut out = out.trim_matches('-').to_string();
-    for (bad, good) in [("vision", "visi-on"), ("vl", "v-l"), ("thinking", "think-ing"), ("deepseek-r", "deepseek-x-r")] {
+    for (bad, good) in [
+        ("vision", "visi-on"),
+        ("vl", "v-l"),
+        ("thinking", "think-ing"),
+        ("deepseek-r", "deepseek-x-r"),
+    ] {
         out = out.replace(bad, good);
     }
     out.truncate(48);

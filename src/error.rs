@@ -268,3 +268,16 @@ impl From<crate::store::StoreError> for ApiError {
         }
     }
 }
+
+impl From<crate::cards::CardError> for ApiError {
+    fn from(err: crate::cards::CardError) -> Self {
+        let code = if err.is_too_large() {
+            ErrorCode::PayloadTooLarge
+        } else if matches!(err, crate::cards::CardError::Write(_)) {
+            return Self::internal(err);
+        } else {
+            ErrorCode::CharacterInvalidData
+        };
+        Self::new(code, err.to_string())
+    }
+}

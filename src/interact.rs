@@ -351,7 +351,13 @@ impl InteractService {
         conversation.next_seq = seq + 1;
 
         let (memory, recalled) = self
-            .recall(user, &character, &conversation, &messages, input.params.dry_run)
+            .recall(
+                user,
+                &character,
+                &conversation,
+                &messages,
+                input.params.dry_run,
+            )
             .await?;
         let prompt = self.assemble(
             &character,
@@ -456,7 +462,14 @@ impl InteractService {
         let (memory, recalled) = self
             .recall(user, &character, &conversation, &earlier, params.dry_run)
             .await?;
-        let prompt = self.assemble(&character, &conversation, &earlier, params, &[], memory.as_ref())?;
+        let prompt = self.assemble(
+            &character,
+            &conversation,
+            &earlier,
+            params,
+            &[],
+            memory.as_ref(),
+        )?;
         let upstream = self
             .upstreams
             .get(params.upstream.as_deref())

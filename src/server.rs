@@ -8,8 +8,9 @@ use crate::conversations::ConversationService;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::{self, AppState};
 use crate::interact::InteractService;
-use crate::prompt::tokens::Tokenizer;
+use crate::memory::MemoryService;
 use crate::metrics::{GaugeGuard, Metrics};
+use crate::prompt::tokens::Tokenizer;
 use crate::store::{Store, StoreError};
 use crate::tls::Tls;
 use crate::upstream::Upstreams;
@@ -18,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use crate::memory::MemoryService;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,12 +46,13 @@ pub enum StartError {
 pub fn build_state(config: Config) -> Result<AppState, StartError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let auth = Authenticator::from_config(&config.auth, &config.data_dir)?;
-    let upstreams = Arc::new(Upstreams::new(&config.upstreams).map_err(|e| {
-        ConfigError::Invalid {
-            key: "upstreams".into(),
-            message: e.to_string(),
-        }
-    })?);
+    let upstreams =
+        Arc::new(
+            Upstreams::new(&config.upstreams).map_err(|e| ConfigError::Invalid {
+                key: "upstreams".into(),
+                message: e.to_string(),
+            })?,
+        );
     let metrics = Metrics::new(config.db_path()).map_err(|e| StartError::Metrics(e.to_string()))?;
     let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
     let characters = CharacterService::new(store.clone(), config.limits.clone());

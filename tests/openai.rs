@@ -58,15 +58,28 @@ async fn models_lists_visible_characters_and_passthrough_models() {
     let fake = FakeUpstream::start().await;
     let s = start(&fake, "").await;
     let t = token("ann");
-    s.create_character(&t, json!({"name": "Alice Liddell"})).await;
-    s.create_character(&token("bob"), json!({"name": "Alice Liddell", "isPublic": true}))
+    s.create_character(&t, json!({"name": "Alice Liddell"}))
         .await;
-    s.create_character(&token("bob"), json!({"name": "Hidden"})).await;
+    s.create_character(
+        &token("bob"),
+        json!({"name": "Alice Liddell", "isPublic": true}),
+    )
+    .await;
+    s.create_character(&token("bob"), json!({"name": "Hidden"}))
+        .await;
     let v: Value = s.get("/v1/models", Some(&t)).await.json().await.unwrap();
     assert_eq!(v["object"], "list");
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&"char-alice-liddell"), "{ids:?}");
-    assert!(ids.contains(&"char-alice-liddell-2"), "slugs are unique: {ids:?}");
+    assert!(
+        ids.contains(&"char-alice-liddell-2"),
+        "slugs are unique: {ids:?}"
+    );
     assert!(ids.contains(&"fake-model"));
     assert!(!ids.iter().any(|i| i.contains("hidden")));
     for m in v["data"].as_array().unwrap() {
@@ -75,7 +88,12 @@ async fn models_lists_visible_characters_and_passthrough_models() {
         assert!(m["owned_by"].is_string());
     }
     // NextChat's CUSTOM_MODELS string.
-    let v: Value = s.get("/api/nextchat/custom-models", Some(&t)).await.json().await.unwrap();
+    let v: Value = s
+        .get("/api/nextchat/custom-models", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
     let custom = v["customModels"].as_str().unwrap();
     assert!(custom.starts_with("-all,+char-"), "{custom}");
     assert!(custom.contains("+char-alice-liddell@openai=Alice Liddell"));
@@ -88,9 +106,17 @@ async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     let s = start(&fake, "").await;
     let t = token("ann");
     let c = s
-        .create_character(&t, json!({"name": "Alice", "personality": {"firstMes": "Hello, {{user}}!"}}))
+        .create_character(
+            &t,
+            json!({"name": "Alice", "personality": {"firstMes": "Hello, {{user}}!"}}),
+        )
         .await;
-    let cid_of = |r: &reqwest::Response| r.headers()["x-taproom-conversation"].to_str().unwrap().to_string();
+    let cid_of = |r: &reqwest::Response| {
+        r.headers()["x-taproom-conversation"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
 
     // 1st turn: the mask's context holds the greeting; no earlier reply → a new conversation.
     let body = json!({"messages": [
@@ -125,7 +151,10 @@ async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert!(v.get("data").is_none());
-    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().starts_with("echo: Please generate"));
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("echo: Please generate"));
     // Out of character: the upstream saw NextChat's messages, not Alice's prompt.
     let sent = fake.last_body().unwrap();
     assert!(!sent.to_string().contains("Write Alice's next reply"));
@@ -143,7 +172,12 @@ async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     let (content, _) = sse_contents(&r.text().await.unwrap());
     assert_eq!(content, "echo: How are you?");
     // The prompt was rebuilt from the stored history, not from NextChat's window.
-    let sent: Vec<String> = fake.last_body().unwrap()["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap().to_string()).collect();
+    let sent: Vec<String> = fake.last_body().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().to_string())
+        .collect();
     assert!(sent[0].starts_with("Write Alice's next reply"));
     assert!(!sent.iter().any(|m| m.contains("This is a summary")));
 
@@ -156,9 +190,28 @@ async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     let (content, _) = sse_contents(&r.text().await.unwrap());
     assert!(content.starts_with("echo: "));
 
-    let conv: Value = s.get(&format!("/api/conversations/{cid}"), Some(&t)).await.json().await.unwrap();
-    let stored: Vec<&str> = conv["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
-    assert_eq!(stored, vec!["Hello, User!", "Hi Alice", "echo: Hi Alice", "How are you?", "echo: How are you?"]);
+    let conv: Value = s
+        .get(&format!("/api/conversations/{cid}"), Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let stored: Vec<&str> = conv["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            "Hello, User!",
+            "Hi Alice",
+            "echo: Hi Alice",
+            "How are you?",
+            "echo: How are you?"
+        ]
+    );
 
     // A window with no earlier reply starts a new conversation; the header picks one explicitly.
     let r = nextchat_post(&s, &t, &json!({"messages": [{"role": "user", "content": "New chat"}], "stream": false, "model": "char-alice"})).await;
@@ -209,7 +262,10 @@ async fn passthrough_reaches_the_upstream_unchanged() {
     let mut stream_body = body.clone();
     stream_body["stream"] = json!(true);
     let r = nextchat_post(&s, &t, &stream_body).await;
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let (content, chunks) = sse_contents(&r.text().await.unwrap());
     assert_eq!(content, "echo: plain chat");
     assert_eq!(chunks.last().unwrap(), "[DONE]");
@@ -232,19 +288,33 @@ async fn errors_have_the_openai_shape() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "authentication_error");
     assert_eq!(v["error"]["code"], "invalid_api_key");
-    assert!(v["error"]["message"].as_str().unwrap().contains("undefined"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("undefined"));
     assert!(v["error"]["requestId"].is_string());
     let r = s.get("/v1/models", Some("garbage")).await;
     assert_eq!(r.status(), 401);
     // Unknown character.
-    let r = nextchat_post(&s, &t, &json!({"model": "char-nobody", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let r = nextchat_post(
+        &s,
+        &t,
+        &json!({"model": "char-nobody", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "model_not_found");
     assert_eq!(v["error"]["taproomCode"], "CHARACTER_NOT_FOUND");
     // Another user's private character is not usable (and not revealed).
-    s.create_character(&token("bob"), json!({"name": "Secret"})).await;
-    let r = nextchat_post(&s, &t, &json!({"model": "char-secret", "messages": [{"role": "user", "content": "hi"}]})).await;
+    s.create_character(&token("bob"), json!({"name": "Secret"}))
+        .await;
+    let r = nextchat_post(
+        &s,
+        &t,
+        &json!({"model": "char-secret", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     // Malformed body.
     let r = s
@@ -265,9 +335,18 @@ async fn errors_have_the_openai_shape() {
     fake.set_fault(Some(support::fake_upstream::Fault::Status(503)));
     let mut saw_open = false;
     for _ in 0..4 {
-        let r = nextchat_post(&s, &t, &json!({"model": "char-down", "messages": [{"role": "user", "content": "hi"}]})).await;
+        let r = nextchat_post(
+            &s,
+            &t,
+            &json!({"model": "char-down", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
         assert!(r.status().is_server_error());
-        if r.headers().get("x-should-retry").map(|v| v.to_str().unwrap()) == Some("false") {
+        if r.headers()
+            .get("x-should-retry")
+            .map(|v| v.to_str().unwrap())
+            == Some("false")
+        {
             assert_eq!(r.status(), 503);
             let v: Value = r.json().await.unwrap();
             assert_eq!(v["error"]["taproomCode"], "ST_API_UNAVAILABLE");
@@ -303,10 +382,24 @@ async fn shared_keys_map_to_a_configured_user() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let s = start(&fake, &format!("[openai]\nkeys = [{{ sha256 = \"{digest}\", user = \"party\" }}]\n")).await;
-    s.create_character(&token("party"), json!({"name": "Host"})).await;
-    let v: Value = s.get("/v1/models", Some("nk-party")).await.json().await.unwrap();
-    assert!(v["data"].as_array().unwrap().iter().any(|m| m["id"] == "char-host"));
+    let s = start(
+        &fake,
+        &format!("[openai]\nkeys = [{{ sha256 = \"{digest}\", user = \"party\" }}]\n"),
+    )
+    .await;
+    s.create_character(&token("party"), json!({"name": "Host"}))
+        .await;
+    let v: Value = s
+        .get("/v1/models", Some("nk-party"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "char-host"));
     let r = s.get("/v1/models", Some("nk-wrong")).await;
     assert_eq!(r.status(), 401);
 }

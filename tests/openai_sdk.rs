@@ -8,7 +8,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
 use support::app::{token, Options, TestServer};
-use support::fake_upstream::{Fault, FakeUpstream};
+use support::fake_upstream::{FakeUpstream, Fault};
 
 /// The OpenAI SDK version the checks were written against.
 const OPENAI_SDK: &str = "openai==1.109.1";
@@ -29,7 +29,12 @@ fn python_with_openai() -> PathBuf {
         .expect("python3 is needed for the OpenAI SDK test");
     assert!(status.success(), "python3 -m venv failed");
     let status = Command::new(venv.join("bin").join("pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", OPENAI_SDK])
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            OPENAI_SDK,
+        ])
         .status()
         .expect("pip");
     assert!(status.success(), "pip install {OPENAI_SDK} failed");
@@ -39,7 +44,9 @@ fn python_with_openai() -> PathBuf {
 
 #[tokio::test]
 async fn the_openai_python_sdk_works_against_taproom() {
-    let python = tokio::task::spawn_blocking(python_with_openai).await.unwrap();
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
     let fake = FakeUpstream::start().await;
     let down = FakeUpstream::start().await;
     down.set_fault(Some(Fault::Status(503)));
@@ -77,6 +84,9 @@ async fn the_openai_python_sdk_works_against_taproom() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }

@@ -144,7 +144,10 @@ pub async fn regenerate(
         }
         super::extract::parse_json::<RegenerateRequest>(&bytes)?.parameters
     };
-    let prepared = state.interact.prepare_regenerate(&user, &cid, &params).await?;
+    let prepared = state
+        .interact
+        .prepare_regenerate(&user, &cid, &params)
+        .await?;
     if params.dry_run {
         return Ok(Json(state.interact.dry_run_json(&prepared)).into_response());
     }

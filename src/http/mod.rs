@@ -1,14 +1,15 @@
 //! The HTTP surface: routing and the tower layers (request id, logs, panics, CORS, compression,
 //! timeouts, body limits). Only this module knows JSON wire shapes and status codes.
 
+pub mod cards;
 pub mod characters;
 pub mod conversations;
 pub mod extract;
 pub mod interact;
+pub mod memory;
 pub mod openai;
 pub mod ops;
 pub mod rate_limit;
-pub mod memory;
 pub mod request_id;
 pub mod ws;
 
@@ -66,6 +67,12 @@ pub fn router(state: AppState) -> Router {
             get(characters::get)
                 .put(characters::update)
                 .delete(characters::delete),
+        )
+        .route("/api/characters/import", axum::routing::post(cards::import))
+        .route("/api/characters/{id}/export", get(cards::export))
+        .route(
+            "/api/characters/{id}/lorebook",
+            get(cards::get_lorebook).put(cards::put_lorebook),
         )
         .route(
             "/api/characters/{id}/avatar",

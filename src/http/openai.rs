@@ -130,9 +130,8 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<User, ApiError> {
                 "missing API key: use your Taproom JWT as the OpenAI API key (Authorization: Bearer <jwt>)",
             )
         })?;
-    let token = super::extract::bearer(value).ok_or_else(|| {
-        ApiError::unauthenticated("authorization header must be `Bearer <key>`")
-    })?;
+    let token = super::extract::bearer(value)
+        .ok_or_else(|| ApiError::unauthenticated("authorization header must be `Bearer <key>`"))?;
     if token == "undefined" || token == "null" {
         return Err(ApiError::unauthenticated(
             "no API key was set in the client (it sent `Bearer undefined`); paste your Taproom JWT as the API key",
@@ -191,11 +190,15 @@ fn is_background(messages: &[Value]) -> bool {
         return false;
     };
     let text = content_text(&last["content"]).to_lowercase();
-    (text.contains("title") && (text.contains("four to five word") || text.contains("summarizing our conversation")))
+    (text.contains("title")
+        && (text.contains("four to five word") || text.contains("summarizing our conversation")))
         || (text.contains("summarize the discussion") && text.contains("200 words"))
 }
 
-fn visible_characters(state: &AppState, user: &User) -> Result<Vec<std::sync::Arc<crate::model::Character>>, ApiError> {
+fn visible_characters(
+    state: &AppState,
+    user: &User,
+) -> Result<Vec<std::sync::Arc<crate::model::Character>>, ApiError> {
     let q = CharacterQuery {
         owner: user.id.clone(),
         scope: Scope::All,
@@ -246,12 +249,16 @@ pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Respon
             let allowed = state.config.openai.passthrough_models.is_empty()
                 || state.config.openai.passthrough_models.contains(&u.model);
             if allowed && seen.insert(u.model.clone()) {
-                data.push(json!({"id": u.model, "object": "model", "created": 0, "owned_by": "upstream"}));
+                data.push(
+                    json!({"id": u.model, "object": "model", "created": 0, "owned_by": "upstream"}),
+                );
             }
         }
         for m in &state.config.openai.passthrough_models {
             if seen.insert(m.clone()) {
-                data.push(json!({"id": m, "object": "model", "created": 0, "owned_by": "upstream"}));
+                data.push(
+                    json!({"id": m, "object": "model", "created": 0, "owned_by": "upstream"}),
+                );
             }
         }
     }
@@ -308,7 +315,11 @@ async fn chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Resp
             req.model
         )));
     }
-    let upstream = state.interact.upstreams().get(None).map_err(upstream_error)?;
+    let upstream = state
+        .interact
+        .upstreams()
+        .get(None)
+        .map_err(upstream_error)?;
     let resp = upstream
         .passthrough("chat/completions", body, req.stream)
         .await
@@ -328,7 +339,11 @@ async fn chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Resp
 fn stop_list(v: &Option<Value>) -> Option<Vec<String>> {
     match v {
         Some(Value::String(s)) => Some(vec![s.clone()]),
-        Some(Value::Array(a)) => Some(a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -355,13 +370,17 @@ async fn character_chat(
             .ok_or_else(not_found)?,
     };
     let character_id = uuid::Uuid::from_u128(id).to_string();
-    let character = state.interact.interactable(&character_id, user).map_err(|e| {
-        if e.code == ErrorCode::CharacterNotFound || e.code == ErrorCode::CharacterAccessDenied {
-            not_found()
-        } else {
-            e
-        }
-    })?;
+    let character = state
+        .interact
+        .interactable(&character_id, user)
+        .map_err(|e| {
+            if e.code == ErrorCode::CharacterNotFound || e.code == ErrorCode::CharacterAccessDenied
+            {
+                not_found()
+            } else {
+                e
+            }
+        })?;
     let model = req.model.clone();
     let params = InteractParams {
         temperature: req.temperature,
@@ -388,7 +407,14 @@ async fn character_chat(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let greetings: Vec<String> = std::iter::once(character.first_mes.clone())
-        .chain(character.personality.alternate_greetings.iter().flatten().cloned())
+        .chain(
+            character
+                .personality
+                .alternate_greetings
+                .iter()
+                .flatten()
+                .cloned(),
+        )
         .collect();
     let user_name = user.name.clone().unwrap_or_else(|| "User".into());
     let char_name = crate::conversations::char_display_name(&character).to_string();
@@ -432,8 +458,14 @@ async fn character_chat(
         stream_response(state, prepared, model)
     } else {
         let v = state.interact.run(prepared).await?;
-        let content = v["response"]["content"].as_str().unwrap_or_default().to_string();
-        let finish = v["response"]["metadata"]["finishReason"].as_str().unwrap_or("stop").to_string();
+        let content = v["response"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let finish = v["response"]["metadata"]["finishReason"]
+            .as_str()
+            .unwrap_or("stop")
+            .to_string();
         let usage = &v["usage"];
         axum::Json(completion_json(&model, &content, &finish, usage)).into_response()
     };
@@ -490,7 +522,10 @@ fn chunk(id: &str, created: i64, model: &str, delta: Value, finish: Option<&str>
 
 fn sse_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -508,11 +543,16 @@ fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Respo
     let id = completion_id();
     let created = now_secs();
     let request_id = super::request_id::current();
-    let first = chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None);
+    let first = chunk(
+        &id,
+        created,
+        &model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    );
     let head = futures_util::stream::once(async move { Ok::<_, Infallible>(first) });
-    let events = futures_util::stream::unfold(
-        (rx, guard, false),
-        move |(mut rx, guard, finished)| {
+    let events =
+        futures_util::stream::unfold((rx, guard, false), move |(mut rx, guard, finished)| {
             let (id, model, request_id) = (id.clone(), model.clone(), request_id.clone());
             async move {
                 if finished {
@@ -522,10 +562,17 @@ fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Respo
                     return Some((Bytes::from_static(b"data: [DONE]\n\n"), (rx, guard, true)));
                 };
                 let (bytes, done) = match ev {
-                    GenEvent::Delta(d) => (chunk(&id, created, &model, json!({"content": d}), None), false),
+                    GenEvent::Delta(d) => (
+                        chunk(&id, created, &model, json!({"content": d}), None),
+                        false,
+                    ),
                     GenEvent::Done(v) => {
-                        let finish = v["response"]["metadata"]["finishReason"].as_str().unwrap_or("stop");
-                        let mut b = chunk(&id, created, &model, json!({}), Some(openai_finish(finish))).to_vec();
+                        let finish = v["response"]["metadata"]["finishReason"]
+                            .as_str()
+                            .unwrap_or("stop");
+                        let mut b =
+                            chunk(&id, created, &model, json!({}), Some(openai_finish(finish)))
+                                .to_vec();
                         b.extend_from_slice(b"data: [DONE]\n\n");
                         (Bytes::from(b), true)
                     }
@@ -538,15 +585,17 @@ fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Respo
                             "taproomCode": e.code.as_str(),
                             "requestId": env["error"]["requestId"],
                         }});
-                        (Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")), true)
+                        (
+                            Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")),
+                            true,
+                        )
                     }
                     GenEvent::Cancelled(_) => (Bytes::from_static(b"data: [DONE]\n\n"), true),
                 };
                 Some((bytes, (rx, guard, done)))
             }
-        },
-    )
-    .map(Ok::<_, Infallible>);
+        })
+        .map(Ok::<_, Infallible>);
     let body = head.chain(keepalive(events));
     sse_headers(Response::new(Body::from_stream(body)))
 }
@@ -581,15 +630,27 @@ async fn background(
     model: &str,
     params: InteractParams,
 ) -> Result<Response, ApiError> {
-    let upstream = state.interact.upstreams().get(None).map_err(upstream_error)?;
+    let upstream = state
+        .interact
+        .upstreams()
+        .get(None)
+        .map_err(upstream_error)?;
     let messages: Vec<ChatMessage> = req
         .messages
         .iter()
-        .map(|m| ChatMessage::new(plain_role(m["role"].as_str().unwrap_or("user")), content_text(&m["content"])))
+        .map(|m| {
+            ChatMessage::new(
+                plain_role(m["role"].as_str().unwrap_or("user")),
+                content_text(&m["content"]),
+            )
+        })
         .collect();
     let request = GenerateRequest {
         character_id: String::new(),
-        user_input: messages.last().map(|m| m.content.clone()).unwrap_or_default(),
+        user_input: messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
         messages,
         history: Vec::new(),
         params: GenParams {
@@ -605,13 +666,22 @@ async fn background(
     if !req.stream {
         let r = upstream.generate(&request).await.map_err(upstream_error)?;
         let usage = json!({"promptTokens": r.usage.prompt_tokens, "completionTokens": r.usage.completion_tokens, "totalTokens": r.usage.total_tokens});
-        return Ok(axum::Json(completion_json(model, &r.content, &r.finish_reason, &usage)).into_response());
+        return Ok(
+            axum::Json(completion_json(model, &r.content, &r.finish_reason, &usage))
+                .into_response(),
+        );
     }
     let stream = upstream.stream(&request).await.map_err(upstream_error)?;
     let id = completion_id();
     let created = now_secs();
     let model = model.to_string();
-    let first = chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None);
+    let first = chunk(
+        &id,
+        created,
+        &model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    );
     let body = futures_util::stream::once(async move { first }).chain(stream.map(move |ev| match ev {
         Ok(StreamEvent::Delta(d)) => chunk(&id, created, &model, json!({"content": d}), None),
         Ok(StreamEvent::Done(r)) => {
@@ -624,7 +694,9 @@ async fn background(
             Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n"))
         }
     }));
-    Ok(sse_headers(Response::new(Body::from_stream(body.map(Ok::<_, Infallible>)))))
+    Ok(sse_headers(Response::new(Body::from_stream(
+        body.map(Ok::<_, Infallible>),
+    ))))
 }
 
 #[cfg(test)]
@@ -635,7 +707,9 @@ mod tests {
     fn content_arrays_are_joined() {
         assert_eq!(content_text(&json!("hi")), "hi");
         assert_eq!(
-            content_text(&json!([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "b"}])),
+            content_text(
+                &json!([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "b"}])
+            ),
             "a\nb"
         );
     }

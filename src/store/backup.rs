@@ -79,6 +79,10 @@ fn copy_all(src: &ReadTransaction, dest: &Path) -> Result<u64, StoreError> {
     rows += copy(src, &txn, MESSAGES)?;
     rows += copy(src, &txn, CHARACTER_STATS)?;
     rows += copy(src, &txn, IDEMPOTENCY)?;
+    rows += copy(src, &txn, super::SLUGS)?;
+    rows += copy(src, &txn, super::memory::MEMORY)?;
+    rows += copy(src, &txn, super::memory::MEMORY_SUMMARY)?;
+    rows += copy(src, &txn, super::memory::MEMORY_VECTORS)?;
     txn.commit()?;
     Ok(rows)
 }
