@@ -734,6 +734,13 @@ impl InteractService {
                 1,
             )
             .await?;
+        // Rolling summaries run in the background and never delay this reply.
+        self.memory.note_turn(
+            &p.user,
+            &p.character,
+            &history.conversation.id,
+            &history.messages,
+        );
         Ok((message, history))
     }
 

@@ -940,3 +940,102 @@ async fn conversation_list_pages_newest_activity_first() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn memories_are_recalled_into_the_prompt_and_summaries_follow_turns() {
+    let fake = FakeUpstream::start().await;
+    let s = start(&fake, "[memory]\nsummarize_every_turns = 2\n").await;
+    let t = token("ann");
+    let c = s.create_character(&t, json!({"name": "Rememberer"})).await;
+    let id = c["id"].as_str().unwrap();
+    let r = s
+        .post_json(
+            &format!("/api/characters/{id}/memory"),
+            Some(&t),
+            &json!({"operation": "add", "memory": {"content": "Ann's cat is called Biscuit", "kind": "fact", "importance": 0.9, "tags": ["cat"]}}),
+        )
+        .await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    // dryRun shows which memories would be recalled.
+    let (_, dry) = interact(
+        &s,
+        &t,
+        id,
+        json!({"message": "What is my cat called?", "parameters": {"dryRun": true}}),
+    )
+    .await;
+    assert_eq!(
+        dry["memory"][0]["content"], "Ann's cat is called Biscuit",
+        "{dry}"
+    );
+    // A real turn puts it into the prompt the upstream receives.
+    let (status, v) = interact(&s, &t, id, json!({"message": "What is my cat called?"})).await;
+    assert_eq!(status, 200, "{v}");
+    let sent = sent_messages(&fake);
+    assert!(sent.iter().any(|(_, c)| c.contains("Biscuit")), "{sent:?}");
+    let cid = v["conversationId"].as_str().unwrap().to_string();
+    // Another user's turn with the same character never sees Ann's private memory.
+    let mut body = json!({"name": "Shared Rememberer", "isPublic": true});
+    let public = s.create_character(&t, body.take()).await;
+    let pid = public["id"].as_str().unwrap();
+    s.post_json(
+        &format!("/api/characters/{pid}/memory"),
+        Some(&t),
+        &json!({"operation": "add", "memory": {"content": "Ann's secret password is swordfish", "importance": 1.0}}),
+    )
+    .await;
+    let (status, _) = interact(
+        &s,
+        &token("bob"),
+        pid,
+        json!({"message": "what is the secret password?"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!sent_messages(&fake)
+        .iter()
+        .any(|(_, c)| c.contains("swordfish")));
+    // After N user turns a rolling summary is written in the background.
+    interact(
+        &s,
+        &t,
+        id,
+        json!({"message": "Tell me more.", "conversationId": cid}),
+    )
+    .await;
+    let mut summary = Value::Null;
+    for _ in 0..100 {
+        let v: Value = s
+            .get(&format!("/api/characters/{id}/memory"), Some(&t))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if v["summary"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            summary = v["summary"].clone();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let last: Value = s
+        .get(&format!("/api/characters/{id}/memory"), Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        summary["content"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("echo"),
+        "{summary} {last} {}",
+        s.logs()
+            .lines()
+            .filter(|l| l.contains("summar"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
