@@ -92,12 +92,17 @@ pub enum Command {
         /// Target directory (created if missing).
         dir: PathBuf,
     },
-    /// Import a directory written by `export-all` (the server must be stopped).
+    /// Import card files (PNG, JSON, CharX; files or directories) for `--user`, or a directory
+    /// written by `export-all` (holding `manifest.json`). The server must be stopped.
     Import {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Directory holding `manifest.json`.
-        dir: PathBuf,
+        /// Owner of imported cards (required for card files).
+        #[arg(long)]
+        user: Option<String>,
+        /// Card files or directories, or one `export-all` directory.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -175,8 +180,19 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(c) => crate::ops::export_all(c, &user, &dir),
             Err(e) => config_error(e),
         },
-        Command::Import { config, dir } => match load(&config, None) {
-            Ok(c) => crate::ops::import(c, &dir),
+        Command::Import {
+            config,
+            user,
+            paths,
+        } => match load(&config, None) {
+            Ok(c) => match (paths.as_slice(), user) {
+                ([dir], _) if dir.join("manifest.json").is_file() => crate::ops::import(c, dir),
+                (_, Some(user)) => crate::ops::import_cards(c, &user, &paths),
+                (_, None) => {
+                    eprintln!("taproom: importing card files needs --user SUB (the owner)");
+                    ExitCode::from(2)
+                }
+            },
             Err(e) => config_error(e),
         },
     }

@@ -414,3 +414,84 @@ pub fn import(config: Config, dir: &Path) -> ExitCode {
         Err(e) => fail(format!("import failed: {e}")),
     }
 }
+
+/// Card files under `paths` (files as given; directories: their .png, .json and .charx files).
+fn card_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|f| {
+                            f.is_file()
+                                && matches!(
+                                    f.extension()
+                                        .and_then(|e| e.to_str())
+                                        .map(str::to_lowercase)
+                                        .as_deref(),
+                                    Some("png" | "json" | "charx")
+                                )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// `taproom import --user SUB PATH...`: imports card files offline, each on its own.
+pub fn import_cards(config: Config, user: &str, paths: &[PathBuf]) -> ExitCode {
+    let (_store, conversations) = match open_services(config) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    let owner = crate::auth::User {
+        id: user.to_string(),
+        admin: false,
+        name: None,
+    };
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for path in card_paths(paths) {
+        let result = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                crate::cards::import_card(&bytes, &crate::cards::CardLimits::default())
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|card| {
+                runtime
+                    .block_on(conversations.characters().create_from_card(&owner, card))
+                    .map_err(|e| e.message)
+            });
+        match result {
+            Ok(c) => {
+                ok += 1;
+                println!("imported {} as {} ({})", path.display(), c.name, c.id);
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("taproom: {}: {e}", path.display());
+            }
+        }
+    }
+    println!("{ok} imported, {failed} failed");
+    if failed == 0 && ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

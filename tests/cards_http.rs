@@ -302,3 +302,63 @@ async fn lorebook_replace_merge_and_world_info_export() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn cli_imports_card_files_and_directories_offline() {
+    let data = tempfile::tempdir().unwrap();
+    let cards = tempfile::tempdir().unwrap();
+    for f in ["v1_Aqua.png", "default_FluxTheCat.png"] {
+        std::fs::copy(fixture(f), cards.path().join(f)).unwrap();
+    }
+    std::fs::write(cards.path().join("notes.txt"), "not a card").unwrap();
+    let run = |args: Vec<std::ffi::OsString>| {
+        std::process::Command::new(support::app::bin())
+            .arg("import")
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(args)
+            .env("TAPROOM_JWT_SECRET", support::app::SECRET)
+            .output()
+            .unwrap()
+    };
+    let out = run(vec!["--user".into(), "ann".into(), cards.path().into()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2 imported, 0 failed"), "{stdout}");
+    let out = run(vec![
+        "--user".into(),
+        "ann".into(),
+        fixture("default_Seraphina.png").into(),
+        fixture("user-default.png").into(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 imported, 1 failed"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user-default.png"));
+    // Card files need an owner.
+    let out = run(vec![fixture("v1_Aqua.png").into()]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let s = TestServer::start_with(Options {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let list: Value = s
+        .get("/api/characters?sort=name&order=asc", Some(&token("ann")))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["characters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names.contains(&"Seraphina"));
+}
