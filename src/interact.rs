@@ -97,6 +97,12 @@ pub struct Prepared {
     pub idempotency: Option<(String, u64)>,
     /// Memories recalled into the prompt (shown by dry runs).
     pub recalled: Vec<crate::memory::RecalledMemory>,
+    /// Enabled plugins of the character, in call order.
+    pub bindings: Vec<crate::store::PluginBindingRecord>,
+    /// A before-generate plugin's own reply (plugin name, text): the upstream is not called.
+    pub short_circuit: Option<(String, String)>,
+    /// Fail-open plugin failures, reported in the response metadata.
+    pub plugin_notes: Vec<Value>,
 }
 
 /// How a generation ended, for storage.
@@ -134,6 +140,7 @@ pub struct InteractService {
     characters: CharacterService,
     conversations: ConversationService,
     memory: crate::memory::MemoryService,
+    plugins: Arc<crate::plugins::PluginHost>,
     upstreams: Arc<Upstreams>,
     tokenizer: Arc<Tokenizer>,
     prompt: PromptConfig,
@@ -180,24 +187,28 @@ fn role_str(r: Role) -> &'static str {
     }
 }
 
+/// The services a turn uses.
+pub struct InteractDeps {
+    pub store: Store,
+    pub characters: CharacterService,
+    pub conversations: ConversationService,
+    pub memory: crate::memory::MemoryService,
+    pub plugins: Arc<crate::plugins::PluginHost>,
+    pub upstreams: Arc<Upstreams>,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
 impl InteractService {
     /// Builds the service.
-    pub fn new(
-        store: Store,
-        characters: CharacterService,
-        conversations: ConversationService,
-        memory: crate::memory::MemoryService,
-        upstreams: Arc<Upstreams>,
-        tokenizer: Arc<Tokenizer>,
-        prompt: PromptConfig,
-    ) -> Self {
+    pub fn new(deps: InteractDeps, prompt: PromptConfig) -> Self {
         Self {
-            store,
-            characters,
-            conversations,
-            memory,
-            upstreams,
-            tokenizer,
+            store: deps.store,
+            characters: deps.characters,
+            conversations: deps.conversations,
+            memory: deps.memory,
+            plugins: deps.plugins,
+            upstreams: deps.upstreams,
+            tokenizer: deps.tokenizer,
             prompt,
             lorebooks: moka::sync::Cache::builder().max_capacity(256).build(),
             inflight: moka::sync::Cache::builder()
@@ -367,6 +378,44 @@ impl InteractService {
             &[],
             memory.as_ref(),
         )?;
+        let bindings = self.enabled_bindings(&character)?;
+        let mut hooks = BeforeHooks::default();
+        let mut prompt = prompt;
+        if !bindings.is_empty() && !input.params.dry_run {
+            hooks = self
+                .before_hooks(
+                    &bindings,
+                    &character,
+                    &mut conversation,
+                    &mut messages,
+                    &prompt,
+                )
+                .await?;
+            if let Some(rewritten) = &hooks.user_message {
+                if let Some(last) = pending.last_mut() {
+                    last.content = rewritten.clone();
+                    last.tokens = Some(self.tokenizer.count(rewritten) as u32);
+                }
+            }
+            if !hooks.sections.is_empty() || hooks.user_message.is_some() {
+                prompt = self.assemble(
+                    &character,
+                    &conversation,
+                    &messages,
+                    &input.params,
+                    &hooks.sections,
+                    memory.as_ref(),
+                )?;
+            }
+            if let Some(replaced) = hooks.prompt.take() {
+                prompt.messages = replaced;
+            }
+        }
+        let message = messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let message = message.as_str();
         let upstream = self
             .upstreams
             .get(input.params.upstream.as_deref())
@@ -392,6 +441,9 @@ impl InteractService {
             swipe_base: None,
             idempotency: None,
             recalled,
+            bindings,
+            short_circuit: hooks.reply,
+            plugin_notes: hooks.notes,
         })
     }
 
@@ -482,6 +534,7 @@ impl InteractService {
             params,
             &user_input,
         );
+        let bindings = self.enabled_bindings(&character)?;
         Ok(Prepared {
             user: user.clone(),
             character,
@@ -495,6 +548,9 @@ impl InteractService {
             swipe_base: Some(last.clone()),
             idempotency: None,
             recalled,
+            bindings,
+            short_circuit: None,
+            plugin_notes: Vec::new(),
         })
     }
 
@@ -755,12 +811,206 @@ impl InteractService {
                     self.save_pending(&p).await.map(Some)
                 }
             },
-            p.upstream.generate(&p.request)
+            async {
+                match &p.short_circuit {
+                    Some((plugin, reply)) => Ok(plugin_reply(plugin, reply)),
+                    None => p.upstream.generate(&p.request).await.map(Generated::from),
+                }
+            }
         );
         saved?;
         let generated = generated.map_err(upstream_error)?;
-        let (message, history) = self.finish(&p, generated.into()).await?;
-        Ok(response_json(&message, &history))
+        let (generated, after) = self.after_hooks(&p, generated).await?;
+        let (message, history) = self.finish(&p, generated).await?;
+        let mut v = response_json(&message, &history);
+        attach_plugin_meta(&mut v, &p, &after);
+        Ok(v)
+    }
+
+    fn enabled_bindings(
+        &self,
+        c: &Character,
+    ) -> Result<Vec<crate::store::PluginBindingRecord>, ApiError> {
+        let Some(key) = store::parse_id(&c.id) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .store
+            .plugin_bindings(key)?
+            .into_iter()
+            .filter(|b| b.enabled)
+            .collect())
+    }
+
+    fn call_context(
+        &self,
+        character: &Character,
+        conversation: &Conversation,
+        messages: &[StoredMessage],
+        plugin: &str,
+    ) -> crate::plugins::CallContext {
+        let recent = messages.len().saturating_sub(20);
+        crate::plugins::CallContext {
+            conversation_id: conversation.id.clone(),
+            character: crate::plugins::PluginCharacter::from_character(character),
+            user_name: conversation.user_name.clone(),
+            user_message: messages
+                .iter()
+                .rev()
+                .find(|m| m.role == MessageRole::User)
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+            history: messages[recent..]
+                .iter()
+                .map(|m| crate::plugins::HistoryMessage {
+                    role: role_str(role_of(m)).to_string(),
+                    name: Some(m.name.clone()),
+                    content: m.content.clone(),
+                })
+                .collect(),
+            state: conversation.plugin_state.get(plugin).map(|v| v.to_string()),
+            seed: rand::random(),
+            recall: None,
+        }
+    }
+
+    /// Runs every bound plugin's before-generate in order. Fail-open failures are noted;
+    /// a fail-closed failure ends the turn with PLUGIN_FAILED.
+    async fn before_hooks(
+        &self,
+        bindings: &[crate::store::PluginBindingRecord],
+        character: &Character,
+        conversation: &mut Conversation,
+        messages: &mut [StoredMessage],
+        prompt: &AssembledPrompt,
+    ) -> Result<BeforeHooks, ApiError> {
+        let mut out = BeforeHooks::default();
+        let mut current: Vec<crate::plugins::PromptMessage> = prompt
+            .messages
+            .iter()
+            .map(|m| crate::plugins::PromptMessage {
+                role: role_str(m.role).to_string(),
+                content: m.content.clone(),
+            })
+            .collect();
+        for b in bindings {
+            let ctx = crate::plugins::BeforeContext {
+                base: self.call_context(character, conversation, messages, &b.name),
+                prompt: current.clone(),
+            };
+            let binding = crate::plugins::Binding {
+                name: b.name.clone(),
+                config: b.config.clone(),
+            };
+            match self.plugins.before_generate(&binding, &ctx).await {
+                Ok(o) => {
+                    if let Some(state) = o.state {
+                        let v = serde_json::from_str(&state).unwrap_or(Value::String(state));
+                        conversation.plugin_state.insert(b.name.clone(), v);
+                    }
+                    if let Some(text) = o.user_message {
+                        if let Some(last) = messages.last_mut() {
+                            last.content = text.clone();
+                        }
+                        out.user_message = Some(text);
+                    }
+                    for section in o.sections {
+                        out.sections.push(ExtraSection {
+                            name: format!("plugin:{}", b.name),
+                            content: section.content,
+                            role: match section.role.as_str() {
+                                "user" => Role::User,
+                                "assistant" => Role::Assistant,
+                                _ => Role::System,
+                            },
+                            position: match section.position {
+                                crate::plugins::SectionPosition::AfterHistory => {
+                                    assemble::SectionPosition::AfterHistory
+                                }
+                                crate::plugins::SectionPosition::Depth(d) => {
+                                    assemble::SectionPosition::Depth(d as usize)
+                                }
+                                _ => assemble::SectionPosition::BeforeHistory,
+                            },
+                        });
+                    }
+                    if let Some(p) = o.prompt {
+                        current = p;
+                        out.prompt = Some(
+                            current
+                                .iter()
+                                .map(|m| assemble::PromptMessage {
+                                    role: match m.role.as_str() {
+                                        "user" => Role::User,
+                                        "assistant" => Role::Assistant,
+                                        _ => Role::System,
+                                    },
+                                    content: m.content.clone(),
+                                })
+                                .collect(),
+                        );
+                    }
+                    out.memories.extend(o.memories);
+                    if let Some(reply) = o.reply {
+                        out.reply = Some((b.name.clone(), reply));
+                        break;
+                    }
+                }
+                Err(f) if f.is_fail_open() => out
+                    .notes
+                    .push(serde_json::to_value(&f).unwrap_or(Value::Null)),
+                Err(f) => return Err(plugin_failed(&f)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs every bound plugin's after-generate on the reply, in order; a veto stops the chain.
+    pub async fn after_hooks(
+        &self,
+        p: &Prepared,
+        mut generated: Generated,
+    ) -> Result<(Generated, AfterReport), ApiError> {
+        let mut report = AfterReport::default();
+        if p.bindings.is_empty() {
+            return Ok((generated, report));
+        }
+        let history: Vec<StoredMessage> =
+            match self.conversations.load_owned(&p.conversation.id, &p.user) {
+                Ok(h) => h.messages.clone(),
+                Err(_) => p.pending.clone(),
+            };
+        for b in &p.bindings {
+            let ctx = self.call_context(&p.character, &p.conversation, &history, &b.name);
+            let binding = crate::plugins::Binding {
+                name: b.name.clone(),
+                config: b.config.clone(),
+            };
+            match self
+                .plugins
+                .after_generate(&binding, &ctx, &generated.content)
+                .await
+            {
+                Ok(o) => match o.action {
+                    crate::plugins::ReplyAction::Keep => {}
+                    crate::plugins::ReplyAction::Rewrite(text) => {
+                        generated.content = text;
+                        report.replaced = true;
+                    }
+                    crate::plugins::ReplyAction::Veto(reason) => {
+                        generated.content = format!("[reply withheld: {reason}]");
+                        generated.finish_reason = "vetoed".into();
+                        report.vetoed = Some(json!({"plugin": b.name, "reason": reason}));
+                        break;
+                    }
+                },
+                Err(f) if f.is_fail_open() => report
+                    .notes
+                    .push(serde_json::to_value(&f).unwrap_or(Value::Null)),
+                Err(f) => return Err(plugin_failed(&f)),
+            }
+        }
+        Ok((generated, report))
     }
 }
 
@@ -829,6 +1079,27 @@ impl InteractService {
         cancel: tokio_util::sync::CancellationToken,
     ) {
         use futures_util::StreamExt;
+        if let Some((plugin, reply)) = p.short_circuit.clone() {
+            let saved = if p.pending.is_empty() {
+                Ok(None)
+            } else {
+                self.save_pending(&p).await.map(Some)
+            };
+            if let Err(e) = saved {
+                let _ = tx.send(GenEvent::Error(e)).await;
+                return;
+            }
+            let _ = tx.send(GenEvent::Delta(reply.clone())).await;
+            let event = match self
+                .finish_with_hooks(&p, plugin_reply(&plugin, &reply))
+                .await
+            {
+                Ok(v) => GenEvent::Done(v),
+                Err(e) => GenEvent::Error(e),
+            };
+            let _ = tx.send(event).await;
+            return;
+        }
         let (saved, opened) = tokio::join!(
             async {
                 if p.pending.is_empty() {
@@ -888,16 +1159,13 @@ impl InteractService {
         // Dropping the upstream stream aborts the upstream request before anything is stored.
         drop(upstream);
         match outcome {
-            Ok(generated) => match self.finish(&p, generated).await {
-                Ok((message, history)) => {
-                    let _ = tx
-                        .send(GenEvent::Done(response_json(&message, &history)))
-                        .await;
-                }
-                Err(e) => {
-                    let _ = tx.send(GenEvent::Error(e)).await;
-                }
-            },
+            Ok(generated) => {
+                let event = match self.finish_with_hooks(&p, generated).await {
+                    Ok(v) => GenEvent::Done(v),
+                    Err(e) => GenEvent::Error(e),
+                };
+                let _ = tx.send(event).await;
+            }
             Err((reason, error)) => {
                 let generated = Generated {
                     content: partial,
@@ -933,5 +1201,76 @@ impl InteractService {
                 };
             }
         }
+    }
+}
+
+/// What the before-generate plugins decided.
+#[derive(Default)]
+struct BeforeHooks {
+    user_message: Option<String>,
+    sections: Vec<ExtraSection>,
+    prompt: Option<Vec<assemble::PromptMessage>>,
+    memories: Vec<crate::plugins::MemoryEntry>,
+    reply: Option<(String, String)>,
+    notes: Vec<Value>,
+}
+
+/// What the after-generate plugins did to a reply.
+#[derive(Debug, Default)]
+pub struct AfterReport {
+    /// A plugin rewrote the reply: what the client finally gets (and what is stored) differs
+    /// from the streamed deltas.
+    pub replaced: bool,
+    /// A plugin vetoed the reply: `{plugin, reason}`.
+    pub vetoed: Option<Value>,
+    /// Fail-open failures.
+    pub notes: Vec<Value>,
+}
+
+fn plugin_reply(plugin: &str, reply: &str) -> Generated {
+    Generated {
+        content: reply.to_string(),
+        model: format!("plugin:{plugin}"),
+        usage: TokenUsage::default(),
+        finish_reason: "stop".into(),
+        character_state: None,
+        generation_time_ms: 0,
+    }
+}
+
+fn plugin_failed(f: &crate::plugins::PluginFailure) -> ApiError {
+    ApiError::new(
+        ErrorCode::PluginFailed,
+        format!("plugin {} failed in {}: {}", f.plugin, f.hook, f.message),
+    )
+    .with_details(serde_json::to_value(f).unwrap_or(Value::Null))
+}
+
+fn attach_plugin_meta(v: &mut Value, p: &Prepared, after: &AfterReport) {
+    let mut notes = p.plugin_notes.clone();
+    notes.extend(after.notes.iter().cloned());
+    if p.bindings.is_empty() && notes.is_empty() {
+        return;
+    }
+    v["plugins"] = json!({
+        "shortCircuit": p.short_circuit.as_ref().map(|(name, _)| name),
+        "replaced": after.replaced,
+        "vetoed": after.vetoed,
+        "skipped": notes,
+    });
+}
+
+impl InteractService {
+    /// after-generate, then store; the response carries the plugin markers.
+    async fn finish_with_hooks(
+        &self,
+        p: &Prepared,
+        generated: Generated,
+    ) -> Result<Value, ApiError> {
+        let (generated, after) = self.after_hooks(p, generated).await?;
+        let (message, history) = self.finish(p, generated).await?;
+        let mut v = response_json(&message, &history);
+        attach_plugin_meta(&mut v, p, &after);
+        Ok(v)
     }
 }

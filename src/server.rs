@@ -32,6 +32,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot load plugins: {0}")]
+    Plugins(String),
     #[error("cannot load the tokenizer: {0}")]
     Tokenizer(String),
     #[error("cannot listen: {0}")]
@@ -65,13 +67,22 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         tokenizer.clone(),
         config.memory.clone(),
     );
+    let plugins = crate::plugins::PluginHost::load(&config.plugins)
+        .map_err(|e| StartError::Plugins(e.to_string()))?;
+    if config.plugins.watch && tokio::runtime::Handle::try_current().is_ok() {
+        // Reload on file change; the watcher holds only a weak reference to the host.
+        let _watcher = crate::plugins::spawn_watcher(&plugins);
+    }
     let interact = InteractService::new(
-        store,
-        characters.clone(),
-        conversations.clone(),
-        memory.clone(),
-        upstreams.clone(),
-        tokenizer,
+        crate::interact::InteractDeps {
+            store,
+            characters: characters.clone(),
+            conversations: conversations.clone(),
+            memory: memory.clone(),
+            plugins: plugins.clone(),
+            upstreams: upstreams.clone(),
+            tokenizer,
+        },
         config.prompt.clone(),
     );
     let limiter = RateLimiter::new(&config.rate_limit);
@@ -82,6 +93,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         characters,
         conversations,
         memory,
+        plugins,
         ready: Arc::new(AtomicBool::new(false)),
         upstreams,
         metrics: Arc::new(metrics),

@@ -9,6 +9,7 @@ pub mod interact;
 pub mod memory;
 pub mod openai;
 pub mod ops;
+pub mod plugins;
 pub mod rate_limit;
 pub mod request_id;
 pub mod ws;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub conversations: ConversationService,
     pub interact: crate::interact::InteractService,
     pub memory: crate::memory::MemoryService,
+    /// The plugin host (per-character behaviour plugins).
+    pub plugins: Arc<crate::plugins::PluginHost>,
     /// Set once the server accepts requests; `/healthz` reports it.
     pub ready: Arc<AtomicBool>,
     /// Generation backends with their breakers; `/readyz` and `/metrics` read their state.
@@ -115,6 +118,15 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(interact::regenerate),
         )
         .route("/api/admin/upstreams", get(interact::admin_upstreams))
+        .route(
+            "/api/characters/{id}/plugins",
+            get(plugins::get_bindings).put(plugins::put_bindings),
+        )
+        .route("/api/admin/plugins", get(plugins::admin_stats))
+        .route(
+            "/api/admin/plugins/reload",
+            axum::routing::post(plugins::admin_reload),
+        )
         .route("/ws", get(ws::upgrade))
         .route("/v1/models", get(openai::models))
         .route(

@@ -80,6 +80,7 @@ fn copy_all(src: &ReadTransaction, dest: &Path) -> Result<u64, StoreError> {
     rows += copy(src, &txn, CHARACTER_STATS)?;
     rows += copy(src, &txn, IDEMPOTENCY)?;
     rows += copy(src, &txn, super::SLUGS)?;
+    rows += copy(src, &txn, super::plugins::PLUGIN_BINDINGS)?;
     rows += copy(src, &txn, super::memory::MEMORY)?;
     rows += copy(src, &txn, super::memory::MEMORY_SUMMARY)?;
     rows += copy(src, &txn, super::memory::MEMORY_VECTORS)?;

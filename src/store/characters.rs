@@ -297,6 +297,8 @@ impl Store {
             }
             txn.open_table(CHARACTERS)?.remove(id)?;
             txn.open_table(AVATARS)?.remove(id)?;
+            txn.open_table(super::plugins::PLUGIN_BINDINGS)?
+                .remove(id)?;
             let mut counts = txn.open_table(OWNER_COUNTS)?;
             let owner = current.creator_id.as_str();
             let count = counts.get(owner)?.map(|v| v.value()).unwrap_or(0);

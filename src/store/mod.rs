@@ -9,6 +9,7 @@ mod backup;
 mod characters;
 mod conversations;
 mod memory;
+mod plugins;
 mod summary;
 
 pub use backup::{check_backup, snapshot_file};
@@ -17,6 +18,7 @@ pub use characters::{
 };
 pub use conversations::{CharacterStats, ConversationPage, History, IdempotentRecord};
 pub use memory::SHARED_MEMORY;
+pub use plugins::PluginBindingRecord;
 pub use summary::Summary;
 
 use crate::model::Character;
@@ -169,6 +171,7 @@ impl Store {
             txn.open_table(BY_TAG)?;
             txn.open_table(BY_GROUP)?;
             txn.open_table(SLUGS)?;
+            txn.open_table(plugins::PLUGIN_BINDINGS)?;
             txn.open_table(conversations::CONVERSATIONS)?;
             txn.open_table(conversations::CONV_BY_USER)?;
             txn.open_table(conversations::CONV_BY_CHARACTER)?;
