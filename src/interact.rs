@@ -410,6 +410,8 @@ impl InteractService {
             if let Some(replaced) = hooks.prompt.take() {
                 prompt.messages = replaced;
             }
+            let remembered = std::mem::take(&mut hooks.memories);
+            self.remember_from_plugins(user, &character, &conversation.id, remembered);
         }
         let message = messages
             .last()
@@ -991,19 +993,27 @@ impl InteractService {
                 .after_generate(&binding, &ctx, &generated.content)
                 .await
             {
-                Ok(o) => match o.action {
-                    crate::plugins::ReplyAction::Keep => {}
-                    crate::plugins::ReplyAction::Rewrite(text) => {
-                        generated.content = text;
-                        report.replaced = true;
+                Ok(o) => {
+                    self.remember_from_plugins(
+                        &p.user,
+                        &p.character,
+                        &p.conversation.id,
+                        o.memories,
+                    );
+                    match o.action {
+                        crate::plugins::ReplyAction::Keep => {}
+                        crate::plugins::ReplyAction::Rewrite(text) => {
+                            generated.content = text;
+                            report.replaced = true;
+                        }
+                        crate::plugins::ReplyAction::Veto(reason) => {
+                            generated.content = format!("[reply withheld: {reason}]");
+                            generated.finish_reason = "vetoed".into();
+                            report.vetoed = Some(json!({"plugin": b.name, "reason": reason}));
+                            break;
+                        }
                     }
-                    crate::plugins::ReplyAction::Veto(reason) => {
-                        generated.content = format!("[reply withheld: {reason}]");
-                        generated.finish_reason = "vetoed".into();
-                        report.vetoed = Some(json!({"plugin": b.name, "reason": reason}));
-                        break;
-                    }
-                },
+                }
                 Err(f) if f.is_fail_open() => report
                     .notes
                     .push(serde_json::to_value(&f).unwrap_or(Value::Null)),
@@ -1225,6 +1235,40 @@ pub struct AfterReport {
     pub vetoed: Option<Value>,
     /// Fail-open failures.
     pub notes: Vec<Value>,
+}
+
+impl InteractService {
+    /// Stores memories plugins asked to keep, in the background (source `plugin`).
+    fn remember_from_plugins(
+        &self,
+        user: &User,
+        character: &Arc<Character>,
+        conversation_id: &str,
+        entries: Vec<crate::plugins::MemoryEntry>,
+    ) {
+        if entries.is_empty() {
+            return;
+        }
+        let memory = self.memory.clone();
+        let (user, character, cid) = (user.clone(), character.clone(), conversation_id.to_string());
+        tokio::spawn(async move {
+            for e in entries {
+                let entry = crate::memory::PluginMemory {
+                    content: e.content,
+                    kind: crate::memory::types::MemoryKind::parse(&e.kind)
+                        .unwrap_or(crate::memory::types::MemoryKind::Note),
+                    importance: f64::from(e.importance).clamp(0.0, 1.0),
+                    tags: e.tags,
+                };
+                if let Err(err) = memory
+                    .add_from_plugin(&user, &character, Some(&cid), entry)
+                    .await
+                {
+                    tracing::warn!(error = %err, "could not store a plugin memory");
+                }
+            }
+        });
+    }
 }
 
 fn plugin_reply(plugin: &str, reply: &str) -> Generated {

@@ -101,6 +101,27 @@ async fn example_plugins_work_through_interact() {
     assert_eq!(status, 200, "{v}");
     let sent = fake.last_body().unwrap().to_string();
     assert!(sent.contains("affection"), "{sent}");
+    // The mood change it remembered is stored as a plugin memory of Ann's.
+    let mut found = false;
+    for _ in 0..100 {
+        let m: Value = s
+            .get(&format!("/api/characters/{id}/memory"), Some(&t))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if m["memory"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["source"] == "plugin")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(found, "plugin memory stored");
 
     // The guard vetoes a reply that mentions the forbidden word; what is stored is what the
     // client is told.
