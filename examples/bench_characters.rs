@@ -268,8 +268,59 @@ async fn main() {
         }
     })
     .await;
+    // Cards (issue: card import/export): the 530 KB Seraphina PNG card end to end over HTTP.
+    let card = Arc::new(
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/default_Seraphina.png"
+        ))
+        .expect("fixture"),
+    );
+    let (c, b, t, k) = (client.clone(), base.clone(), token.clone(), card.clone());
+    let mut import = run("import PNG card (HTTP)", secs, move |_| {
+        let (c, b, t, k) = (c.clone(), b.clone(), t.clone(), k.clone());
+        async move {
+            matches!(c.post(format!("{b}/api/characters/import")).bearer_auth(t).header("content-type", "image/png").body(k.to_vec()).send().await, Ok(r) if r.status() == 201)
+        }
+    })
+    .await;
+    let first: serde_json::Value = client
+        .post(format!("{base}/api/characters/import"))
+        .bearer_auth(&token)
+        .header("content-type", "image/png")
+        .body(card.to_vec())
+        .send()
+        .await
+        .expect("import")
+        .json()
+        .await
+        .expect("json");
+    let card_id = first["id"].as_str().unwrap_or_default().to_string();
+    let (c, b, t) = (client.clone(), base.clone(), token.clone());
+    let mut export = run("export PNG card (HTTP)", secs, move |_| {
+        let (c, b, t, id) = (c.clone(), b.clone(), t.clone(), card_id.clone());
+        async move {
+            match c
+                .get(format!("{b}/api/characters/{id}/export?format=png"))
+                .bearer_auth(t)
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                _ => false,
+            }
+        }
+    })
+    .await;
     println!("concurrency {CONCURRENCY}, {secs}s per scenario");
-    for s in [&mut get, &mut list, &mut search, &mut create] {
+    for s in [
+        &mut get,
+        &mut list,
+        &mut search,
+        &mut create,
+        &mut import,
+        &mut export,
+    ] {
         s.print();
     }
 }

@@ -6,7 +6,7 @@ use super::AppState;
 use crate::cards::{self, CardFormat, CardLimits};
 use crate::characters::CharacterPatch;
 use crate::error::ApiError;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -44,48 +44,20 @@ pub async fn import(
     Auth(user): Auth,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let is_multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
-    if !is_multipart {
-        let bytes = extract::body_bytes(req, &state).await?;
-        if bytes.is_empty() {
-            return Err(ApiError::validation(
-                "body",
-                "send a card file (PNG, JSON or CharX)",
-            ));
-        }
-        let v = import_one(&state, &user, &bytes).await?;
-        return Ok((StatusCode::CREATED, Json(v)).into_response());
-    }
-    let mut multipart = Multipart::from_request(req, &state)
-        .await
-        .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?;
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?
-    {
-        if !matches!(field.name(), Some("file") | Some("avatar")) {
-            continue;
-        }
-        let name = field.file_name().unwrap_or("card").to_string();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::validation("file", e.to_string()))?;
-        files.push((name, bytes.to_vec()));
-    }
-    match files.len() {
-        0 => Err(ApiError::validation(
+    let files = extract::uploads(req, &state, &["file", "avatar"]).await?;
+    match files.as_slice() {
+        [] => Err(ApiError::validation(
             "file",
-            "multipart body needs a `file` part",
+            "send a card file (PNG, JSON or CharX)",
         )),
-        1 => {
-            let v = import_one(&state, &user, &files[0].1).await?;
+        [(_, bytes)] => {
+            if bytes.is_empty() {
+                return Err(ApiError::validation(
+                    "body",
+                    "send a card file (PNG, JSON or CharX)",
+                ));
+            }
+            let v = import_one(&state, &user, bytes).await?;
             Ok((StatusCode::CREATED, Json(v)).into_response())
         }
         _ => {

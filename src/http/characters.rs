@@ -124,13 +124,25 @@ pub async fn create(
             .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?;
         let mut character: Option<CreateRequest> = None;
         let mut avatar: Option<Vec<u8>> = None;
-        while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(extract::multipart_error)?
+        {
             match field.name().unwrap_or("") {
                 "character" => {
-                    let bytes = field.bytes().await.map_err(multipart_error)?;
+                    let bytes = field.bytes().await.map_err(extract::multipart_error)?;
                     character = Some(extract::parse_json(&bytes)?);
                 }
-                "avatar" => avatar = Some(field.bytes().await.map_err(multipart_error)?.to_vec()),
+                "avatar" => {
+                    avatar = Some(
+                        field
+                            .bytes()
+                            .await
+                            .map_err(extract::multipart_error)?
+                            .to_vec(),
+                    )
+                }
                 other => {
                     return Err(ApiError::validation(
                         other,
@@ -161,17 +173,6 @@ pub async fn create(
         json!({ "avatar": format!("/api/characters/{}/avatar", created.id) }),
     );
     Ok((StatusCode::CREATED, Json(Value::Object(body))).into_response())
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "request body is larger than the configured limit",
-        )
-    } else {
-        ApiError::validation("body", format!("bad multipart body: {e}"))
-    }
 }
 
 /// `GET /api/characters`.
@@ -347,28 +348,12 @@ pub async fn put_avatar(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Json<Character>, ApiError> {
-    let is_multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
-    let bytes = if is_multipart {
-        let mut multipart = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?;
-        let mut found = None;
-        while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
-            if matches!(field.name(), Some("avatar") | Some("file")) {
-                found = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
-                break;
-            }
-        }
-        found.ok_or_else(|| {
-            ApiError::validation("avatar", "multipart body needs an `avatar` part")
-        })?
-    } else {
-        extract::body_bytes(req, &state).await?.to_vec()
-    };
+    let bytes = extract::uploads(req, &state, &["avatar", "file"])
+        .await?
+        .into_iter()
+        .next()
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     if bytes.is_empty() {
         return Err(ApiError::validation("avatar", "image body is empty"));
     }

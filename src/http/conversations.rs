@@ -7,7 +7,7 @@ use crate::conversations::encode_cursor;
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{Conversation, MessageRole, StoredMessage};
 use crate::store::History;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -288,36 +288,12 @@ pub async fn import(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let is_multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
-    let bytes = if is_multipart {
-        let mut multipart = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?;
-        let mut found = None;
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?
-        {
-            if matches!(field.name(), Some("file") | Some("chat")) {
-                found = Some(
-                    field
-                        .bytes()
-                        .await
-                        .map_err(|e| ApiError::validation("file", e.to_string()))?
-                        .to_vec(),
-                );
-                break;
-            }
-        }
-        found.ok_or_else(|| ApiError::validation("file", "multipart body needs a `file` part"))?
-    } else {
-        extract::body_bytes(req, &state).await?.to_vec()
-    };
+    let bytes = extract::uploads(req, &state, &["file", "chat"])
+        .await?
+        .into_iter()
+        .next()
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     if bytes.is_empty() {
         return Err(ApiError::new(
             ErrorCode::ValidationError,

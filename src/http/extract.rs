@@ -58,6 +58,57 @@ pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes
         })
 }
 
+/// Whether the request body is multipart/form-data.
+pub fn is_multipart(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"))
+}
+
+/// Maps a multipart failure: an over-limit body is 413, anything else 400.
+pub fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "request body is larger than the configured limit",
+        )
+    } else {
+        ApiError::validation("body", format!("bad multipart body: {e}"))
+    }
+}
+
+/// Uploaded files as (file name, bytes): the raw body as one file, or every multipart part
+/// whose field name is in `fields`. Other parts are ignored.
+pub async fn uploads<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    fields: &[&str],
+) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+    if !is_multipart(req.headers()) {
+        let bytes = body_bytes(req, state).await?;
+        return Ok(vec![("body".to_string(), bytes.to_vec())]);
+    }
+    let mut multipart = axum::extract::Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::validation("body", format!("bad multipart body: {e}")))?;
+    let mut files = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        if !field.name().is_some_and(|n| fields.contains(&n)) {
+            continue;
+        }
+        let name = field.file_name().unwrap_or("upload").to_string();
+        files.push((name, field.bytes().await.map_err(multipart_error)?.to_vec()));
+    }
+    if files.is_empty() {
+        return Err(ApiError::validation(
+            fields.first().copied().unwrap_or("file"),
+            format!("multipart body needs a part named {}", fields.join(" or ")),
+        ));
+    }
+    Ok(files)
+}
+
 /// Parses JSON, naming the offending field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
