@@ -103,7 +103,14 @@ struct Stats {
 impl Stats {
     fn print(&mut self) {
         self.latencies.sort();
-        let n = self.latencies.len().max(1);
+        if self.latencies.is_empty() {
+            println!(
+                "{:<22} no successful requests, errors={}",
+                self.name, self.errors
+            );
+            return;
+        }
+        let n = self.latencies.len();
         let pct = |p: f64| self.latencies[((n as f64 * p) as usize).min(n - 1)];
         println!(
             "{:<22} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   n={} errors={}",
@@ -174,6 +181,9 @@ async fn main() {
     };
     config.auth.jwt_secret = "bench-secret-0123456789".into();
     config.limits.max_characters_per_user = 1_000_000;
+    // Measure the server, not the per-user rate limiter.
+    config.rate_limit.interact_per_minute = 0;
+    config.rate_limit.other_per_minute = 0;
 
     let state = taproom::server::build_state(config.clone()).expect("state");
     let seed_start = Instant::now();
