@@ -57,6 +57,8 @@ async fn oversized_body_is_413_and_stores_nothing() {
     let t = token("alice");
     let big = json!({"name": "Big", "description": "x".repeat(4096)});
     let r = s.post_json("/api/characters", Some(&t), &big).await;
+    // The unread body makes the connection unusable; the client must be told not to reuse it.
+    assert_eq!(r.headers()["connection"], "close");
     expect_error(r, 413, "PAYLOAD_TOO_LARGE").await;
     // Chunked (no content-length) bodies are limited as well.
     let body =

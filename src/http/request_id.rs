@@ -5,7 +5,7 @@
 use crate::error::{ApiError, EnvelopeMarker, ErrorCode};
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -40,6 +40,7 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         req.headers_mut().insert(HEADER, v);
     }
+    let http1 = req.version() <= Version::HTTP_11;
     let is_preflight = req.method() == Method::OPTIONS
         && req
             .headers()
@@ -56,6 +57,13 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(HEADER, v);
+    }
+    // A 413 is answered before the body is read; the server then drops the connection, so tell
+    // the client not to reuse it (a pooled client would otherwise race the close).
+    if http1 && response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
