@@ -71,7 +71,7 @@ pub struct CharacterPatch {
 }
 
 /// What the caller may do with a character.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Permissions {
     pub can_view: bool,
@@ -81,7 +81,7 @@ pub struct Permissions {
 }
 
 /// Usage figures for one character.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Statistics {
     pub conversation_count: u64,

@@ -6,8 +6,10 @@
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
+use utoipa::ToSchema;
 
 /// The spec's error codes, each with exactly one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,17 +207,41 @@ impl ApiError {
 
     /// The JSON envelope for this error.
     pub fn envelope(&self, request_id: &str) -> Value {
-        let mut error = json!({
-            "code": self.code.as_str(),
-            "message": self.message,
-            "timestamp": crate::time::now_rfc3339(),
-            "requestId": request_id,
-        });
-        if let (Some(details), Some(obj)) = (&self.details, error.as_object_mut()) {
-            obj.insert("details".into(), details.clone());
-        }
-        json!({ "error": error })
+        let envelope = ErrorEnvelope {
+            error: ErrorBody {
+                code: self.code.as_str().to_string(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+                timestamp: crate::time::now_rfc3339(),
+                request_id: request_id.to_string(),
+            },
+        };
+        // Plain strings and a Value: serializing cannot fail.
+        serde_json::to_value(envelope).unwrap_or(Value::Null)
     }
+}
+
+/// The spec's error envelope, exactly as sent with every 4xx/5xx.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// The envelope's `error` object.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// A code from the README's error table, e.g. `VALIDATION_ERROR`.
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// Machine-readable context (`field`, `currentVersion`, …) when there is any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+    /// RFC 3339 UTC.
+    pub timestamp: String,
+    /// The request's `x-request-id`.
+    pub request_id: String,
 }
 
 /// Marker put on responses whose body already is an envelope, so the outer error layer leaves

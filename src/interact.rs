@@ -33,7 +33,8 @@ use std::time::Duration;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// The spec's InteractionParameters, plus Taproom's extras.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, utoipa::ToSchema)]
+#[schema(as = InteractionParameters)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InteractParams {
     pub temperature: Option<f64>,

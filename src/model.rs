@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A stored character, exactly as the spec names its fields, plus `version` for optimistic locking.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Character {
     /// UUID v7 (time ordered).
@@ -50,7 +50,7 @@ pub struct Character {
 
 /// The spec's PersonalityProfile plus the card fields a SillyTavern card carries, so that an
 /// imported card can be exported again without loss.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PersonalityProfile {
     #[serde(default)]
@@ -122,7 +122,7 @@ pub struct PersonalityProfile {
 }
 
 /// A lorebook in the character-card `character_book` shape.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CharacterBook {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -145,7 +145,7 @@ pub struct CharacterBook {
 
 /// One lorebook entry in the card shape. SillyTavern's own fields (`position` 0..6, `depth`,
 /// `role`, `selectiveLogic`, `probability`, `group`, `sticky`, …) live in `extensions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LorebookEntry {
     #[serde(default)]
     pub keys: Vec<String>,
@@ -213,7 +213,7 @@ impl Default for LorebookEntry {
 }
 
 /// Who wrote a stored message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageRole {
     User,
@@ -222,7 +222,7 @@ pub enum MessageRole {
 }
 
 /// The spec's TokenUsage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenUsage {
     pub prompt_tokens: u64,
@@ -231,7 +231,7 @@ pub struct TokenUsage {
 }
 
 /// One stored chat message. Character messages keep their alternatives as SillyTavern swipes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredMessage {
     /// UUID v7.
@@ -271,7 +271,7 @@ pub struct StoredMessage {
 }
 
 /// A conversation between one user and one character.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Conversation {
     /// UUID v7.

@@ -39,6 +39,15 @@ async fn import_one(
 }
 
 /// `POST /api/characters/import`.
+#[utoipa::path(
+    post,    operation_id = "importCard",
+
+    path = "/api/characters/import",
+    tag = "cards",
+    request_body(content((Vec<u8> = "image/png"), (serde_json::Value = "application/json"), (Vec<u8> = "application/zip"), (Vec<u8> = "multipart/form-data")), description = "A SillyTavern card: PNG (chara/ccv3 tEXt), JSON (V1/V2/V3) or CharX; multipart `file` parts for several"),
+    responses((status = 201, description = "The imported character", body = crate::model::Character), (status = 207, description = "Multipart: one result per file (`file`, `status`, `character` or `error`)", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 413, description = "file too large", body = crate::error::ErrorEnvelope), (status = 415, description = "unsupported body type", body = crate::error::ErrorEnvelope), (status = 422, description = "not a readable card", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn import(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -95,6 +104,15 @@ fn safe_file_name(name: &str, ext: &str) -> String {
 }
 
 /// `GET /api/characters/{id}/export?format=png|json|charx|nextchat-mask[&spec=v2]`.
+#[utoipa::path(
+    get,    operation_id = "exportCard",
+
+    path = "/api/characters/{id}/export",
+    tag = "cards",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("format" = Option<String>, Query, description = "png (default), json, charx or nextchat-mask"), ("spec" = Option<String>, Query, description = "v2 for a V2 card instead of V3")),
+    responses((status = 200, description = "The card file (Content-Disposition names it)", content((Vec<u8> = "image/png"), (serde_json::Value = "application/json"), (Vec<u8> = "application/zip"))), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 403, description = "another user's private character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security((), ("bearer" = []))
+)]
 pub async fn export(
     State(state): State<AppState>,
     MaybeAuth(user): MaybeAuth,
@@ -166,6 +184,15 @@ pub async fn export(
 }
 
 /// `GET /api/characters/{id}/lorebook[?format=worldinfo]`.
+#[utoipa::path(
+    get,    operation_id = "getLorebook",
+
+    path = "/api/characters/{id}/lorebook",
+    tag = "cards",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("format" = Option<String>, Query, description = "worldinfo for a SillyTavern World Info file; default the card `character_book`")),
+    responses((status = 200, description = "The lorebook", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 403, description = "another user's private character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security((), ("bearer" = []))
+)]
 pub async fn get_lorebook(
     State(state): State<AppState>,
     MaybeAuth(user): MaybeAuth,
@@ -188,6 +215,16 @@ pub async fn get_lorebook(
 
 /// `PUT /api/characters/{id}/lorebook?mode=replace|merge`: a World Info file, a card
 /// `character_book`, or `{spec:"lorebook_v3"}`.
+#[utoipa::path(
+    put,    operation_id = "putLorebook",
+
+    path = "/api/characters/{id}/lorebook",
+    tag = "cards",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("mode" = Option<String>, Query, description = "replace (default) or merge")),
+    request_body(content = serde_json::Value, description = "A World Info file, a card `character_book`, or `{spec: \"lorebook_v3\"}`"),
+    responses((status = 200, description = "The stored lorebook", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope), (status = 422, description = "not a readable lorebook", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn put_lorebook(
     State(state): State<AppState>,
     Auth(user): Auth,

@@ -3,6 +3,7 @@
 use super::extract::{self, Auth, JsonBody, MaybeAuth};
 use super::AppState;
 use crate::characters::{AvatarInput, CharacterPatch, NewCharacter};
+use crate::characters::{Permissions, Statistics};
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{Character, PersonalityProfile};
 use crate::store::{CharacterQuery, CharacterSort, Scope};
@@ -11,13 +12,15 @@ use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 /// CreateCharacterRequest; top-level scenario/firstMes/mesExample are accepted as well as their
 /// copies inside `personality`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = CreateCharacterRequest)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
     name: String,
@@ -44,7 +47,8 @@ pub struct CreateRequest {
 }
 
 /// UpdateCharacterRequest: Partial<CreateCharacterRequest> plus `version`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = UpdateCharacterRequest)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateRequest {
     version: Option<u64>,
@@ -107,6 +111,15 @@ fn to_object(c: &Character) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `POST /api/characters` (JSON, or multipart with `character` and `avatar` parts).
+#[utoipa::path(
+    post,    operation_id = "createCharacter",
+
+    path = "/api/characters",
+    tag = "characters",
+    request_body(content((CreateRequest = "application/json"), (CreateRequest = "multipart/form-data")), description = "JSON, or multipart with a `character` JSON part and an `avatar` image part"),
+    responses((status = 201, description = "Created; adds `created: true` and `uploadUrls.avatar`", body = crate::model::Character), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "character quota reached", body = crate::error::ErrorEnvelope), (status = 413, description = "body or avatar too large", body = crate::error::ErrorEnvelope), (status = 415, description = "not JSON or multipart", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -176,11 +189,20 @@ pub async fn create(
 }
 
 /// `GET /api/characters`.
+#[utoipa::path(
+    get,    operation_id = "listCharacters",
+
+    path = "/api/characters",
+    tag = "characters",
+    params(("limit" = Option<u32>, Query, description = "page size, 1–200 (default 50)"), ("offset" = Option<u32>, Query, description = "items to skip"), ("search" = Option<String>, Query, description = "words in name, description or tags"), ("tags" = Option<String>, Query, description = "comma-separated; all must match"), ("sort" = Option<String>, Query, description = "name, created, modified (default) or usage"), ("order" = Option<String>, Query, description = "asc or desc (default)"), ("scope" = Option<String>, Query, description = "own (default), public or all")),
+    responses((status = 200, description = "A page of characters", body = CharacterPage), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Auth(user): Auth,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     const KNOWN: [&str; 7] = [
         "limit", "offset", "search", "tags", "sort", "order", "scope",
     ];
@@ -254,55 +276,93 @@ pub async fn list(
         offset,
     };
     let (page, total) = state.characters.list(query).await?;
-    let has_more = (offset + page.len()) < total as usize;
-    let filters = json!({
-        "limit": limit,
-        "offset": offset,
-        "search": search,
-        "tags": tags,
-        "sort": params.get("sort").map(String::as_str).unwrap_or("modified"),
-        "order": if descending { "desc" } else { "asc" },
-        "scope": params.get("scope").map(String::as_str).unwrap_or("own"),
-    });
-    Ok(Json(json!({
-        "characters": page.iter().map(|c| c.as_ref()).collect::<Vec<&Character>>(),
-        "total": total,
-        "hasMore": has_more,
-        "filters": filters,
-    })))
+    Ok(Json(CharacterPage {
+        has_more: (offset + page.len()) < total as usize,
+        characters: page.iter().map(|c| c.as_ref()).collect(),
+        total,
+        filters: ListFilters {
+            limit,
+            offset,
+            search,
+            tags,
+            sort: params.get("sort").map(String::as_str).unwrap_or("modified"),
+            order: if descending { "desc" } else { "asc" },
+            scope: params.get("scope").map(String::as_str).unwrap_or("own"),
+        },
+    })
+    .into_response())
+}
+
+/// The list response: one page and the filters that produced it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CharacterPage<'a> {
+    characters: Vec<&'a Character>,
+    total: u64,
+    has_more: bool,
+    filters: ListFilters<'a>,
+}
+
+/// The list query as understood, defaults filled in.
+#[derive(Serialize, ToSchema)]
+pub struct ListFilters<'a> {
+    limit: usize,
+    offset: usize,
+    search: Option<String>,
+    tags: Vec<String>,
+    sort: &'a str,
+    order: &'a str,
+    scope: &'a str,
+}
+
+/// The detail response: the character plus what the caller may do and what is related.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CharacterDetail)]
+#[serde(rename_all = "camelCase")]
+pub struct CharacterDetailBody<'a> {
+    #[serde(flatten)]
+    character: &'a Character,
+    statistics: &'a Statistics,
+    permissions: Permissions,
+    related_characters: Vec<&'a Character>,
 }
 
 /// `GET /api/characters/{id}`: public characters need no token.
+#[utoipa::path(
+    get,    operation_id = "getCharacter",
+
+    path = "/api/characters/{id}",
+    tag = "characters",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    responses((status = 200, description = "The character with statistics, permissions and related characters", body = CharacterDetailBody), (status = 403, description = "another user's private character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security((), ("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     MaybeAuth(user): MaybeAuth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let detail = state.characters.detail(&id, user.as_ref()).await?;
-    let mut body = to_object(&detail.character)?;
-    body.insert(
-        "statistics".into(),
-        serde_json::to_value(&detail.statistics).map_err(ApiError::internal)?,
-    );
-    body.insert(
-        "permissions".into(),
-        serde_json::to_value(detail.permissions).map_err(ApiError::internal)?,
-    );
-    body.insert(
-        "relatedCharacters".into(),
-        serde_json::to_value(
-            detail
-                .related
-                .iter()
-                .map(|c| c.as_ref())
-                .collect::<Vec<&Character>>(),
-        )
-        .map_err(ApiError::internal)?,
-    );
-    Ok(Json(Value::Object(body)))
+    Ok(Json(CharacterDetailBody {
+        character: &detail.character,
+        statistics: &detail.statistics,
+        permissions: detail.permissions,
+        related_characters: detail.related.iter().map(|c| c.as_ref()).collect(),
+    })
+    .into_response())
 }
 
 /// `PUT /api/characters/{id}`: partial update with optimistic locking.
+#[utoipa::path(
+    put,    operation_id = "updateCharacter",
+
+    path = "/api/characters/{id}",
+    tag = "characters",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    request_body = UpdateRequest,
+    responses((status = 200, description = "The updated character", body = crate::model::Character), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope), (status = 409, description = "stale version; details.currentVersion", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -332,6 +392,15 @@ pub async fn update(
 }
 
 /// `DELETE /api/characters/{id}`.
+#[utoipa::path(
+    delete,    operation_id = "deleteCharacter",
+
+    path = "/api/characters/{id}",
+    tag = "characters",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    responses((status = 204, description = "Deleted with its conversations, memory and avatar"), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -342,6 +411,16 @@ pub async fn delete(
 }
 
 /// `PUT /api/characters/{id}/avatar`: a raw image body or a multipart `avatar` part.
+#[utoipa::path(
+    put,    operation_id = "putAvatar",
+
+    path = "/api/characters/{id}/avatar",
+    tag = "characters",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    request_body(content((Vec<u8> = "image/*"), (Vec<u8> = "multipart/form-data")), description = "A raw image body or a multipart `avatar` part"),
+    responses((status = 200, description = "The character with its new avatar URL", body = crate::model::Character), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope), (status = 413, description = "image too large", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn put_avatar(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -361,6 +440,15 @@ pub async fn put_avatar(
 }
 
 /// `GET /api/characters/{id}/avatar`: the image with its content type, ETag and caching.
+#[utoipa::path(
+    get,    operation_id = "getAvatar",
+
+    path = "/api/characters/{id}/avatar",
+    tag = "characters",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    responses((status = 200, description = "The image, with ETag and Cache-Control", content_type = "image/*"), (status = 304, description = "Not modified (If-None-Match)"), (status = 403, description = "another user's private character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security((), ("bearer" = []))
+)]
 pub async fn get_avatar(
     State(state): State<AppState>,
     MaybeAuth(user): MaybeAuth,

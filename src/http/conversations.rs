@@ -110,6 +110,15 @@ fn parse_bool(params: &HashMap<String, String>, key: &str) -> Result<bool, ApiEr
 }
 
 /// `GET /api/characters/{id}/conversations?limit&before&context`.
+#[utoipa::path(
+    get,    operation_id = "listConversations",
+
+    path = "/api/characters/{id}/conversations",
+    tag = "conversations",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("limit" = Option<u32>, Query, description = "page size, 1–100 (default 20)"), ("before" = Option<String>, Query, description = "cursor from nextCursor"), ("context" = Option<bool>, Query, description = "include each conversation's context")),
+    responses((status = 200, description = "`{conversations, hasMore, nextCursor}`", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -140,6 +149,15 @@ pub async fn list(
 
 /// `GET /api/conversations/{cid}?limit&before`: messages newest page first, each page oldest
 /// to newest; `before` is a message seq.
+#[utoipa::path(
+    get,    operation_id = "getConversation",
+
+    path = "/api/conversations/{cid}",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id"), ("limit" = Option<u32>, Query, description = "messages per page, 1–200 (default 50)"), ("before" = Option<u64>, Query, description = "only messages with a lower seq")),
+    responses((status = 200, description = "The conversation with a page of messages (`messages`, `hasMore`, `nextBefore`, `characterState`)", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation for this user", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -174,6 +192,15 @@ pub async fn get(
 }
 
 /// `DELETE /api/conversations/{cid}`.
+#[utoipa::path(
+    delete,    operation_id = "deleteConversation",
+
+    path = "/api/conversations/{cid}",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id")),
+    responses((status = 204, description = "Deleted with its messages and memories"), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation for this user", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -184,13 +211,24 @@ pub async fn delete(
 }
 
 /// Body of a message edit.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = EditMessageRequest)]
 #[serde(deny_unknown_fields)]
 pub struct EditMessage {
     content: String,
 }
 
 /// `PUT /api/conversations/{cid}/messages/{mid}`.
+#[utoipa::path(
+    put,    operation_id = "editMessage",
+
+    path = "/api/conversations/{cid}/messages/{mid}",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id"), ("mid" = String, Path, description = "Message id")),
+    request_body = EditMessage,
+    responses((status = 200, description = "The edited message", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation or message", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn edit_message(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -206,6 +244,15 @@ pub async fn edit_message(
 }
 
 /// `DELETE /api/conversations/{cid}/messages/{mid}`.
+#[utoipa::path(
+    delete,    operation_id = "deleteMessage",
+
+    path = "/api/conversations/{cid}/messages/{mid}",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id"), ("mid" = String, Path, description = "Message id")),
+    responses((status = 204, description = "Deleted"), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation or message", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn delete_message(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -219,13 +266,24 @@ pub async fn delete_message(
 }
 
 /// Body of a swipe choice.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = ChooseSwipeRequest)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChooseSwipe {
     swipe_id: usize,
 }
 
 /// `PUT /api/conversations/{cid}/messages/{mid}/swipe`.
+#[utoipa::path(
+    put,    operation_id = "chooseSwipe",
+
+    path = "/api/conversations/{cid}/messages/{mid}/swipe",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id"), ("mid" = String, Path, description = "Message id")),
+    request_body = ChooseSwipe,
+    responses((status = 200, description = "The message showing the chosen swipe", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation, message or swipe", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn choose_swipe(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -241,6 +299,15 @@ pub async fn choose_swipe(
 }
 
 /// `GET /api/conversations/{cid}/export?format=jsonl`.
+#[utoipa::path(
+    get,    operation_id = "exportConversation",
+
+    path = "/api/conversations/{cid}/export",
+    tag = "conversations",
+    params(("cid" = String, Path, description = "Conversation id"), ("format" = Option<String>, Query, description = "jsonl (SillyTavern chat file; the default)")),
+    responses((status = 200, description = "SillyTavern chat JSONL", content_type = "application/jsonl"), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation for this user", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn export(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -282,6 +349,16 @@ pub async fn export(
 }
 
 /// `POST /api/characters/{id}/conversations/import`: a raw JSONL body or a multipart `file`.
+#[utoipa::path(
+    post,    operation_id = "importConversation",
+
+    path = "/api/characters/{id}/conversations/import",
+    tag = "conversations",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    request_body(content((String = "application/jsonl"), (Vec<u8> = "multipart/form-data")), description = "A SillyTavern chat JSONL file (raw body or multipart `file`)"),
+    responses((status = 201, description = "The imported conversation", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope), (status = 413, description = "file too large", body = crate::error::ErrorEnvelope), (status = 422, description = "not a readable chat file", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn import(
     State(state): State<AppState>,
     Auth(user): Auth,

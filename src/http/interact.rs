@@ -24,7 +24,8 @@ use std::time::Duration;
 pub const STREAM_BUFFER: usize = 64;
 
 /// The spec's CharacterInteractionRequest.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = CharacterInteractionRequest)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InteractRequest {
     message: String,
@@ -37,7 +38,7 @@ pub struct InteractRequest {
 }
 
 /// Body of a regenerate call.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegenerateRequest {
     #[serde(default)]
@@ -63,6 +64,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// `POST /api/characters/{id}/interact`.
+#[utoipa::path(
+    post,    operation_id = "interact",
+
+    path = "/api/characters/{id}/interact",
+    tag = "interact",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("Idempotency-Key" = Option<String>, Header, description = "replays the stored reply of a repeated JSON request")),
+    request_body = InteractRequest,
+    responses((status = 200, description = "The reply (`CharacterInteractionResponse`), or with `parameters.stream` / `Accept: text/event-stream` an SSE stream of `delta`, `done` and `error` events", content((serde_json::Value = "application/json"), (String = "text/event-stream"))), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "not a viewer of the character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope), (status = 429, description = "rate limited (Retry-After)", body = crate::error::ErrorEnvelope), (status = 502, description = "upstream or plugin failure", body = crate::error::ErrorEnvelope), (status = 503, description = "upstream unavailable or circuit open (Retry-After)", body = crate::error::ErrorEnvelope), (status = 504, description = "upstream deadline passed", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn interact(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -124,6 +135,16 @@ pub async fn interact(
 }
 
 /// `POST /api/conversations/{cid}/regenerate`: a new swipe for the last reply.
+#[utoipa::path(
+    post,    operation_id = "regenerate",
+
+    path = "/api/conversations/{cid}/regenerate",
+    tag = "interact",
+    params(("cid" = String, Path, description = "Conversation id")),
+    request_body = RegenerateRequest,
+    responses((status = 200, description = "A new swipe of the last reply (JSON or SSE like interact)", content((serde_json::Value = "application/json"), (String = "text/event-stream"))), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 404, description = "no such conversation for this user", body = crate::error::ErrorEnvelope), (status = 429, description = "rate limited (Retry-After)", body = crate::error::ErrorEnvelope), (status = 502, description = "upstream or plugin failure", body = crate::error::ErrorEnvelope), (status = 503, description = "upstream unavailable or circuit open (Retry-After)", body = crate::error::ErrorEnvelope), (status = 504, description = "upstream deadline passed", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn regenerate(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -206,6 +227,14 @@ fn sse_response(state: AppState, prepared: Prepared) -> Response {
 }
 
 /// `GET /api/admin/upstreams`: breaker state per upstream (admin only).
+#[utoipa::path(
+    get,    operation_id = "adminUpstreams",
+
+    path = "/api/admin/upstreams",
+    tag = "ops",
+    responses((status = 200, description = "`{upstreams: [UpstreamStatus]}`", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "admin only", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn admin_upstreams(
     State(state): State<AppState>,
     Auth(user): Auth,

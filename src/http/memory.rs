@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 /// MemoryUpdateRequest.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = MemoryUpdateRequest)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRequest {
     memory: Option<MemoryBody>,
@@ -25,7 +26,8 @@ pub struct UpdateRequest {
 
 /// A ConversationMemory as sent. Read-only fields (`createdAt`, `recallCount`, …) are accepted
 /// so a client can send back an entry it read, and ignored.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = MemoryInput)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MemoryBody {
     id: Option<String>,
@@ -35,16 +37,22 @@ pub struct MemoryBody {
     tags: Option<Vec<String>>,
     scope: Option<String>,
     conversation_id: Option<String>,
+    #[schema(ignore)]
     #[serde(default, rename = "source")]
     _source: Option<IgnoredAny>,
+    #[schema(ignore)]
     #[serde(default, rename = "createdAt")]
     _created_at: Option<IgnoredAny>,
+    #[schema(ignore)]
     #[serde(default, rename = "updatedAt")]
     _updated_at: Option<IgnoredAny>,
+    #[schema(ignore)]
     #[serde(default, rename = "lastRecalledAt")]
     _last_recalled_at: Option<IgnoredAny>,
+    #[schema(ignore)]
     #[serde(default, rename = "recallCount")]
     _recall_count: Option<IgnoredAny>,
+    #[schema(ignore)]
     #[serde(default, rename = "tokens")]
     _tokens: Option<IgnoredAny>,
 }
@@ -104,6 +112,15 @@ fn statistics_json(s: &MemoryStatistics) -> Value {
 }
 
 /// `GET /api/characters/{id}/memory?scope=&kind=&search=&limit=&offset=&conversationId=`.
+#[utoipa::path(
+    get,    operation_id = "listMemory",
+
+    path = "/api/characters/{id}/memory",
+    tag = "memory",
+    params(("id" = String, Path, description = "Character id (UUID v7)"), ("scope" = Option<String>, Query, description = "conversation, user or character"), ("kind" = Option<String>, Query, description = "memory kind"), ("search" = Option<String>, Query, description = "BM25 search text"), ("conversationId" = Option<String>, Query, description = "only this conversation's memories"), ("limit" = Option<u32>, Query, description = "page size"), ("offset" = Option<u32>, Query, description = "items to skip")),
+    responses((status = 200, description = "`{memories: [ConversationMemory], total, hasMore, statistics}`", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "not a viewer of the character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -129,6 +146,16 @@ pub async fn list(
 
 /// `POST /api/characters/{id}/memory` with `{memory, operation}`: 201 with the new entry for
 /// `add`, 200 with the changed (or removed) entry otherwise.
+#[utoipa::path(
+    post,    operation_id = "updateMemory",
+
+    path = "/api/characters/{id}/memory",
+    tag = "memory",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    request_body = crate::http::memory::UpdateRequest,
+    responses((status = 201, description = "Added; the new entry", body = crate::memory::types::ConversationMemory), (status = 200, description = "Updated or removed; the entry", body = crate::memory::types::ConversationMemory), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "shared memory needs the owner or an admin", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character or memory", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AppState>,
     Auth(user): Auth,

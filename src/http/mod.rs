@@ -8,6 +8,7 @@ pub mod extract;
 pub mod interact;
 pub mod memory;
 pub mod openai;
+pub mod openapi;
 pub mod ops;
 pub mod plugins;
 pub mod rate_limit;
@@ -23,8 +24,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,9 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Shared state handed to every handler. Cheap to clone.
 #[derive(Clone)]
@@ -60,88 +63,48 @@ pub struct AppState {
 /// The complete router with every layer.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
-    let api = Router::new()
-        .route(
-            "/api/characters",
-            get(characters::list).post(characters::create),
-        )
-        .route(
-            "/api/characters/{id}",
-            get(characters::get)
-                .put(characters::update)
-                .delete(characters::delete),
-        )
-        .route("/api/characters/import", axum::routing::post(cards::import))
-        .route("/api/characters/{id}/export", get(cards::export))
-        .route(
-            "/api/characters/{id}/lorebook",
-            get(cards::get_lorebook).put(cards::put_lorebook),
-        )
-        .route(
-            "/api/characters/{id}/avatar",
-            get(characters::get_avatar).put(characters::put_avatar),
-        )
-        .route(
-            "/api/characters/{id}/memory",
-            get(memory::list).post(memory::update),
-        )
-        .route(
-            "/api/characters/{id}/conversations",
-            get(conversations::list),
-        )
-        .route(
-            "/api/characters/{id}/conversations/import",
-            axum::routing::post(conversations::import),
-        )
-        .route(
-            "/api/conversations/{cid}",
-            get(conversations::get).delete(conversations::delete),
-        )
-        .route(
-            "/api/conversations/{cid}/export",
-            get(conversations::export),
-        )
-        .route(
-            "/api/conversations/{cid}/messages/{mid}",
-            axum::routing::put(conversations::edit_message).delete(conversations::delete_message),
-        )
-        .route(
-            "/api/conversations/{cid}/messages/{mid}/swipe",
-            axum::routing::put(conversations::choose_swipe),
-        )
-        .route(
-            "/api/characters/{id}/interact",
-            axum::routing::post(interact::interact),
-        )
-        .route(
-            "/api/conversations/{cid}/regenerate",
-            axum::routing::post(interact::regenerate),
-        )
-        .route("/api/admin/upstreams", get(interact::admin_upstreams))
-        .route(
-            "/api/characters/{id}/plugins",
-            get(plugins::get_bindings).put(plugins::put_bindings),
-        )
-        .route("/api/admin/plugins", get(plugins::admin_stats))
-        .route(
-            "/api/admin/plugins/reload",
-            axum::routing::post(plugins::admin_reload),
-        )
-        .route("/ws", get(ws::upgrade))
-        .route("/v1/models", get(openai::models))
-        .route(
-            "/v1/chat/completions",
-            axum::routing::post(openai::chat_completions),
-        )
-        .route("/api/nextchat/custom-models", get(openai::custom_models))
-        .route("/api/admin/backup", axum::routing::post(ops::backup))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz));
-    let api = if config.metrics.enabled {
-        api.route("/metrics", get(ops::metrics))
-    } else {
-        api
-    };
+    let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(characters::list, characters::create))
+        .routes(routes!(
+            characters::get,
+            characters::update,
+            characters::delete
+        ))
+        .routes(routes!(cards::import))
+        .routes(routes!(cards::export))
+        .routes(routes!(cards::get_lorebook, cards::put_lorebook))
+        .routes(routes!(characters::get_avatar, characters::put_avatar))
+        .routes(routes!(memory::list, memory::update))
+        .routes(routes!(conversations::list))
+        .routes(routes!(conversations::import))
+        .routes(routes!(conversations::get, conversations::delete))
+        .routes(routes!(conversations::export))
+        .routes(routes!(
+            conversations::edit_message,
+            conversations::delete_message
+        ))
+        .routes(routes!(conversations::choose_swipe))
+        .routes(routes!(interact::interact))
+        .routes(routes!(interact::regenerate))
+        .routes(routes!(interact::admin_upstreams))
+        .routes(routes!(plugins::get_bindings, plugins::put_bindings))
+        .routes(routes!(plugins::admin_stats))
+        .routes(routes!(plugins::admin_reload))
+        .routes(routes!(ws::upgrade))
+        .routes(routes!(openai::models))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::custom_models))
+        .routes(routes!(ops::backup))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(openapi::document));
+    if config.metrics.enabled {
+        api = api.routes(routes!(ops::metrics));
+    }
+    let (api, doc) = api.split_for_parts();
+    // Rendering a derived document cannot fail; an empty body would fail the OpenAPI test loudly.
+    let doc = serde_json::to_vec(&doc).unwrap_or_default();
+    let api = api.layer(Extension(openapi::Document(doc.into())));
     let api = api
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(

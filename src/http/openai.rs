@@ -61,7 +61,8 @@ impl Default for OpenAiConfig {
 }
 
 /// The request body fields Taproom reads; everything else (tools, penalties, …) is tolerated.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = ChatCompletionRequest)]
 struct ChatRequest {
     model: String,
     #[serde(default)]
@@ -222,6 +223,14 @@ pub fn model_id(c: &crate::model::Character) -> String {
 }
 
 /// `GET /v1/models`.
+#[utoipa::path(
+    get,    operation_id = "listModels",
+
+    path = "/v1/models",
+    tag = "openai",
+    responses((status = 200, description = "OpenAI model list: `char-<slug>` per visible character, plus passthrough models", body = serde_json::Value), (status = 401, description = "OpenAI-shaped error", body = serde_json::Value)),
+    security(("bearer" = []))
+)]
 pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let user = match caller(&state, &headers) {
         Ok(u) => u,
@@ -266,6 +275,14 @@ pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Respon
 }
 
 /// `GET /api/nextchat/custom-models`: NextChat's `CUSTOM_MODELS` and `DEFAULT_MODEL` values.
+#[utoipa::path(
+    get,    operation_id = "nextchatCustomModels",
+
+    path = "/api/nextchat/custom-models",
+    tag = "openai",
+    responses((status = 200, description = "`{customModels, defaultModel, env}` for NextChat's CUSTOM_MODELS / DEFAULT_MODEL", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn custom_models(
     State(state): State<AppState>,
     super::extract::Auth(user): super::extract::Auth,
@@ -289,6 +306,15 @@ pub async fn custom_models(
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,    operation_id = "chatCompletions",
+
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatRequest,
+    responses((status = 200, description = "OpenAI chat completion, or with `stream: true` `chat.completion.chunk` SSE ending in `[DONE]`", content((serde_json::Value = "application/json"), (String = "text/event-stream"))), (status = 400, description = "OpenAI-shaped error with `taproomCode`", body = serde_json::Value), (status = 401, description = "OpenAI-shaped error", body = serde_json::Value), (status = 404, description = "unknown model", body = serde_json::Value), (status = 502, description = "upstream failure", body = serde_json::Value)),
+    security(("bearer" = []))
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -15,6 +15,13 @@ use std::sync::atomic::Ordering;
 use tokio::io::AsyncReadExt;
 
 /// `GET /healthz`: 200 once the server takes requests.
+#[utoipa::path(
+    get,    operation_id = "healthz",
+
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "`{status: \"ok\"}`", body = serde_json::Value), (status = 503, description = "starting up", body = crate::error::ErrorEnvelope))
+)]
 pub async fn healthz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (
@@ -29,6 +36,13 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 
 /// `GET /readyz`: 200 when the store answers a read and at least one upstream's circuit
 /// breaker is not open; otherwise 503 naming what is wrong.
+#[utoipa::path(
+    get,    operation_id = "readyz",
+
+    path = "/readyz",
+    tag = "ops",
+    responses((status = 200, description = "`{status: \"ready\"}`", body = serde_json::Value), (status = 503, description = "store does not answer or every upstream circuit is open", body = crate::error::ErrorEnvelope))
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return ApiError::new(
@@ -74,6 +88,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text exposition format.
+#[utoipa::path(
+    get,    operation_id = "metrics",
+
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let breakers: Vec<_> = state
         .upstreams
@@ -112,6 +133,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `POST /api/admin/backup` (admin only): streams a redb file holding one consistent snapshot
 /// of every table. Writes continue while it is made.
+#[utoipa::path(
+    post,    operation_id = "backup",
+
+    path = "/api/admin/backup",
+    tag = "ops",
+    responses((status = 200, description = "A redb file with one consistent snapshot", content_type = "application/octet-stream"), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "admin only", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn backup(State(state): State<AppState>, Auth(user): Auth) -> Result<Response, ApiError> {
     if !user.admin {
         return Err(ApiError::new(

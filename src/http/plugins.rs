@@ -14,6 +14,15 @@ fn key(id: &str) -> Result<u128, ApiError> {
 }
 
 /// `GET /api/characters/{id}/plugins`: `[{name, config, enabled}]` in call order.
+#[utoipa::path(
+    get,    operation_id = "getPluginBindings",
+
+    path = "/api/characters/{id}/plugins",
+    tag = "plugins",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    responses((status = 200, description = "`{plugins: [{name, config, enabled}]}` in call order", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn get_bindings(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -26,6 +35,16 @@ pub async fn get_bindings(
 
 /// `PUT /api/characters/{id}/plugins`: replaces the bindings; each config is validated against
 /// its plugin's schema.
+#[utoipa::path(
+    put,    operation_id = "putPluginBindings",
+
+    path = "/api/characters/{id}/plugins",
+    tag = "plugins",
+    params(("id" = String, Path, description = "Character id (UUID v7)")),
+    request_body = Vec<crate::store::PluginBindingRecord>,
+    responses((status = 200, description = "The stored bindings", body = serde_json::Value), (status = 400, description = "invalid parameter or body; details.field names it", body = crate::error::ErrorEnvelope), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "the caller may not change this character", body = crate::error::ErrorEnvelope), (status = 404, description = "no such character (or not visible to the caller)", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn put_bindings(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -63,6 +82,14 @@ pub async fn put_bindings(
 }
 
 /// `GET /api/admin/plugins`: loaded plugins, versions, call counts, durations, traps.
+#[utoipa::path(
+    get,    operation_id = "adminPlugins",
+
+    path = "/api/admin/plugins",
+    tag = "plugins",
+    responses((status = 200, description = "`{plugins: [PluginStats]}`", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "admin only", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn admin_stats(
     State(state): State<AppState>,
     Auth(user): Auth,
@@ -75,6 +102,14 @@ pub async fn admin_stats(
 
 /// `POST /api/admin/plugins/reload`: recompiles the plugins dir; calls in flight finish on the
 /// old set, and a broken set leaves the old one in place.
+#[utoipa::path(
+    post,    operation_id = "reloadPlugins",
+
+    path = "/api/admin/plugins/reload",
+    tag = "plugins",
+    responses((status = 200, description = "The plugins now loaded", body = serde_json::Value), (status = 401, description = "missing, malformed or expired token", body = crate::error::ErrorEnvelope), (status = 403, description = "admin only", body = crate::error::ErrorEnvelope), (status = 422, description = "the new plugin set does not load; the old one stays", body = crate::error::ErrorEnvelope)),
+    security(("bearer" = []))
+)]
 pub async fn admin_reload(
     State(state): State<AppState>,
     Auth(user): Auth,

@@ -101,6 +101,15 @@ fn error_frame(id: Option<&str>, err: &ApiError, request_id: &str) -> Message {
 }
 
 /// `GET /ws` upgrade. A token in the `Authorization` header or `?token=` authenticates at once.
+#[utoipa::path(
+    get,    operation_id = "websocket",
+
+    path = "/ws",
+    tag = "interact",
+    params(("token" = Option<String>, Query, description = "JWT, when the Authorization header cannot be set")),
+    responses((status = 101, description = "WebSocket: the spec's `{type, id, payload}` envelope (generate, cancel, ping)"), (status = 400, description = "not a WebSocket upgrade", body = crate::error::ErrorEnvelope)),
+    security((), ("bearer" = []))
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,

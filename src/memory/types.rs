@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What a memory entry records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryKind {
     Fact,
@@ -43,7 +43,7 @@ impl MemoryKind {
 }
 
 /// Whose memory an entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryScope {
     /// Private to one user and one character.
@@ -72,7 +72,7 @@ impl MemoryScope {
 }
 
 /// Who wrote an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MemorySource {
     /// Through the memory API.
@@ -84,7 +84,7 @@ pub enum MemorySource {
 }
 
 /// One memory entry: the spec's `ConversationMemory`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationMemory {
     /// UUID v7.

@@ -15,7 +15,7 @@ use super::types::FailureKind;
 const WINDOW: usize = 1024;
 
 /// Admin view of one plugin.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginStats {
     /// Plugin name.

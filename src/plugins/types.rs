@@ -12,7 +12,7 @@ use super::manifest::FailurePolicy;
 pub type RecallFn = Arc<dyn Fn(&str, u32) -> Vec<String> + Send + Sync>;
 
 /// A character's attachment of one plugin, with its config for that character.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Binding {
     /// The plugin's manifest name.
     pub name: String,

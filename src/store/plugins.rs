@@ -9,7 +9,8 @@ pub(crate) const PLUGIN_BINDINGS: TableDefinition<u128, &[u8]> =
     TableDefinition::new("plugin_bindings");
 
 /// One plugin attached to a character.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = PluginBinding)]
 pub struct PluginBindingRecord {
     pub name: String,
     #[serde(default)]

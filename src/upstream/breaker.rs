@@ -91,7 +91,7 @@ impl Window {
 }
 
 /// Breaker position as shown at `GET /api/admin/upstreams`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     /// Calls flow normally.

@@ -94,7 +94,7 @@ impl<'de> Deserialize<'de> for UpstreamsConfig {
 }
 
 /// Which wire protocol an upstream speaks.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamKind {
     /// OpenAI-compatible `POST {url}/chat/completions`, JSON or SSE.

@@ -167,7 +167,7 @@ pub struct PassthroughResponse {
 }
 
 /// One upstream's state for `GET /api/admin/upstreams`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamStatus {
     /// Configured name.

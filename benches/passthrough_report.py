@@ -1,0 +1,171 @@
+"""Tables and target checks for benches/passthrough.sh: `python3 passthrough_report.py OUTDIR`.
+
+Every number is the median over the rounds of that round's value. "Added" latency is the
+target's percentile minus the direct run's percentile (same round count, same load).
+"""
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else "."
+TARGETS = ["direct", "floor", "taproom", "char", "interact", "litellm"]
+LABEL = {
+    "direct": "direct (fake upstream)",
+    "floor": "floor (mini_proxy)",
+    "taproom": "Taproom passthrough",
+    "char": "Taproom `char-bench`",
+    "interact": "Taproom interact",
+    "litellm": "LiteLLM",
+}
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def oha(path):
+    d = json.load(open(path))
+    s, p = d["summary"], d["latencyPercentiles"]
+    codes = d.get("statusCodeDistribution", {})
+    bad = sum(v for k, v in codes.items() if k != "200")
+    bad += sum(v for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k)
+    ms = lambda v: None if v is None else v * 1e3
+    return {"rps": s["requestsPerSec"], "p50": ms(p["p50"]), "p99": ms(p["p99"]), "errors": bad}
+
+
+def streams(path):
+    d = json.load(open(path))
+    g = lambda k, q: (d.get(k) or {}).get(q)
+    return {
+        "rps": d["rps"], "errors": d["errors"], "deltas": d["deltas_per_stream"],
+        "inflight": d["max_inflight"],
+        "ttfd50": g("ttfd_ms", "p50"), "ttfd99": g("ttfd_ms", "p99"),
+        "p50": g("total_ms", "p50"), "p99": g("total_ms", "p99"),
+    }
+
+
+def kit(path):
+    t = open(path).read()
+    num = lambda k: float(re.search(k + r"=([0-9.]+)", t).group(1)) if re.search(k + r"=([0-9.]+)", t) else None
+    tot = re.search(r"total_ms p50=([0-9.]+) p99=([0-9.]+)", t)
+    return {"rps": num("rps"), "errors": num("errors"),
+            "p50": float(tot.group(1)) if tot else None, "p99": float(tot.group(2)) if tot else None}
+
+
+def collect(prefix, case, ext, reader):
+    """Per target: dict of medians over rounds."""
+    res = {}
+    for t in TARGETS:
+        files = sorted(glob.glob(f"{OUT}/{prefix}*_{t}{case}.{ext}"))
+        if not files:
+            continue
+        rows = [reader(f) for f in files]
+        res[t] = {k: med([r[k] for r in rows]) for k in rows[0]}
+        res[t]["n"] = len(rows)
+    return res
+
+
+def f(v, nd=2):
+    return "–" if v is None else f"{v:,.{nd}f}"
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def check(ok, text):
+    return f"- {'**met**' if ok else '**not met**'}: {text}"
+
+
+lines = []
+P = lines.append
+sj = collect("r", "_seq_json", "json", oha)
+rj = collect("r", "_rate_json", "json", oha)
+cj = collect("r", "_c32_json", "json", oha)
+ss = collect("r", "_seq_sse", "json", streams)
+rs = collect("r", "_rate_sse", "json", streams)
+cs = collect("r", "_c32_sse", "json", streams)
+ck = collect("r", "_c32_sse_kit", "txt", kit)
+
+if sj:
+    rounds = sj["direct"]["n"]
+    P(f"### Non-streaming (median of {rounds} rounds; latency ms)\n")
+    P("| target | seq p50 | seq p99 | 50 QPS p50 | 50 QPS p99 | c=32 req/s | c=32 p50 | c=32 p99 | c=32 ÷ floor | c=32 ÷ direct | errors |")
+    P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in TARGETS:
+        if t not in sj:
+            continue
+        errs = sum((d.get(t) or {}).get("errors") or 0 for d in (sj, rj, cj))
+        P(f"| {LABEL[t]} | {f(sj[t]['p50'],3)} | {f(sj[t]['p99'],3)} | {f(rj[t]['p50'],3)} | {f(rj[t]['p99'],3)} "
+          f"| {f(cj[t]['rps'],0)} | {f(cj[t]['p50'],3)} | {f(cj[t]['p99'],3)} "
+          f"| {f(ratio(cj[t]['rps'], cj['floor']['rps']))} | {f(ratio(cj[t]['rps'], cj['direct']['rps']))} | {errs:.0f} |")
+    P("")
+    P("### Streaming, 20 chunks (bench_streams; TTFD = time to first delta; median of rounds; ms)\n")
+    P("| target | seq TTFD p50 | seq total p50 | 50 QPS TTFD p50 | 50 QPS TTFD p99 | 50 QPS total p50 | 50 QPS total p99 | c=32 streams/s | c=32 TTFD p50 | c=32 total p50 | c=32 ÷ floor | kit sse_load c=32 streams/s | kit ÷ floor | errors |")
+    P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in TARGETS:
+        if t not in ss:
+            continue
+        k = ck.get(t, {})
+        errs = sum((d.get(t) or {}).get("errors") or 0 for d in (ss, rs, cs, ck))
+        P(f"| {LABEL[t]} | {f(ss[t]['ttfd50'],3)} | {f(ss[t]['p50'],3)} | {f(rs[t]['ttfd50'],3)} | {f(rs[t]['ttfd99'],3)} "
+          f"| {f(rs[t]['p50'],3)} | {f(rs[t]['p99'],3)} | {f(cs[t]['rps'],0)} | {f(cs[t]['ttfd50'],3)} | {f(cs[t]['p50'],3)} "
+          f"| {f(ratio(cs[t]['rps'], cs['floor']['rps']))} | {f(k.get('rps'),0)} | {f(ratio(k.get('rps'), ck.get('floor',{}).get('rps')))} | {errs:.0f} |")
+    P("")
+    P("### Targets (#9, #5)\n")
+    d = sj["taproom"]["p50"] - sj["floor"]["p50"]
+    P(check(d <= 0.05, f"#9 sequential JSON p50 within +0.05 ms of the floor: Taproom {f(sj['taproom']['p50'],3)} ms vs floor {f(sj['floor']['p50'],3)} ms = {d:+.3f} ms"))
+    d = ss["taproom"]["p50"] - ss["floor"]["p50"]
+    P(check(d <= 0.05, f"#9 sequential streaming (total) p50 within +0.05 ms of the floor: {f(ss['taproom']['p50'],3)} vs {f(ss['floor']['p50'],3)} ms = {d:+.3f} ms"))
+    q = ratio(cj["taproom"]["rps"], cj["floor"]["rps"])
+    P(check(q >= 0.8, f"#9 c=32 JSON throughput ≥ 0.8× floor: {f(cj['taproom']['rps'],0)} vs {f(cj['floor']['rps'],0)} req/s = {q:.2f}×"))
+    q = ratio(cs["taproom"]["rps"], cs["floor"]["rps"])
+    P(check(q >= 0.8, f"#9 c=32 streaming throughput ≥ 0.8× floor: {f(cs['taproom']['rps'],0)} vs {f(cs['floor']['rps'],0)} streams/s = {q:.2f}×"
+          + (f" (kit sse_load: {ratio(ck['taproom']['rps'], ck['floor']['rps']):.2f}×)" if 'taproom' in ck and 'floor' in ck else "")))
+    a50 = rj["char"]["p50"] - rj["direct"]["p50"]; a99 = rj["char"]["p99"] - rj["direct"]["p99"]
+    P(check(a50 <= 1 and a99 <= 3, f"#9 `char-*` at {50} QPS, JSON: added p50 {a50:+.3f} ms (≤ 1), p99 {a99:+.3f} ms (≤ 3)"))
+    a50 = rs["char"]["ttfd50"] - rs["direct"]["ttfd50"]; a99 = rs["char"]["ttfd99"] - rs["direct"]["ttfd99"]
+    b50 = rs["char"]["p50"] - rs["direct"]["p50"]; b99 = rs["char"]["p99"] - rs["direct"]["p99"]
+    P(check(a50 <= 1 and a99 <= 3, f"#9 `char-*` at 50 QPS, streaming: added TTFD p50 {a50:+.3f} ms, p99 {a99:+.3f} ms (total: {b50:+.3f} / {b99:+.3f} ms)"))
+    if "interact" in cj:
+        a = cj["interact"]["p50"] - cj["direct"]["p50"]
+        P(check(a <= 2, f"#5 interact at c=32, JSON: added p50 {a:+.3f} ms (≤ 2): {f(cj['interact']['p50'],3)} vs direct {f(cj['direct']['p50'],3)} ms; {f(cj['interact']['rps'],0)} turns/s"))
+        a = cs["interact"]["ttfd50"] - cs["direct"]["ttfd50"]; b = cs["interact"]["p50"] - cs["direct"]["p50"]
+        P(check(a <= 2, f"#5 interact at c=32, SSE: added TTFD p50 {a:+.3f} ms, total p50 {b:+.3f} ms; {f(cs['interact']['rps'],0)} turns/s"))
+        a50 = rj["interact"]["p50"] - rj["direct"]["p50"]; a99 = rj["interact"]["p99"] - rj["direct"]["p99"]
+        P(f"- (context) #5 interact at 50 QPS, JSON: added p50 {a50:+.3f} ms, p99 {a99:+.3f} ms")
+    P("")
+
+st = collect("s", "", "json", streams)
+if st:
+    rss = {}
+    for t in TARGETS:
+        rows = [json.load(open(p)) for p in sorted(glob.glob(f"{OUT}/s*_{t}_rss.json"))]
+        if rows:
+            rss[t] = {k: max(r[k] for r in rows) for k in rows[0]}
+    P(f"### Streams at scale (max of rounds for memory; median of {st['direct']['n']} rounds otherwise; ms)\n")
+    P("| target | streams/s | max in flight | deltas/stream | TTFD p50 | TTFD p99 | added TTFD p50 | added TTFD p99 | total p50 | total p99 | Taproom VmHWM MB | RSS before MB | errors |")
+    P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    d = st["direct"]
+    for t in TARGETS:
+        if t not in st:
+            continue
+        s = st[t]
+        m = rss.get(t) if t != "direct" else None
+        P(f"| {LABEL[t]} | {f(s['rps'],0)} | {f(s['inflight'],0)} | {f(s['deltas'],1)} | {f(s['ttfd50'],3)} | {f(s['ttfd99'],3)} "
+          f"| {f(s['ttfd50']-d['ttfd50'],3) if t!='direct' else ''} | {f(s['ttfd99']-d['ttfd99'],3) if t!='direct' else ''} "
+          f"| {f(s['p50'],1)} | {f(s['p99'],1)} | {f(m['vmhwm_kb']/1024,1) if m else ''} | {f(m['rss_before_kb']/1024,1) if m else ''} | {s['errors']:.0f} |")
+    P("")
+    P("### Targets (#6)\n")
+    for t in ("taproom", "char", "interact"):
+        if t not in st:
+            continue
+        s, m = st[t], rss.get(t)
+        P(check(m["vmhwm_kb"] / 1024 <= 150, f"#6 {LABEL[t]}: peak RSS {m['vmhwm_kb']/1024:.1f} MB (≤ 150)"))
+        a50, a99 = s["ttfd50"] - d["ttfd50"], s["ttfd99"] - d["ttfd99"]
+        P(check(a99 <= 5, f"#6 {LABEL[t]}: added TTFD p50 {a50:+.3f} ms, p99 {a99:+.3f} ms (p99 ≤ 5)"))
+print("\n".join(lines))
