@@ -1,7 +1,9 @@
 //! Crash durability of the real binary: several clients write concurrently, the process is
 //! killed with SIGKILL at a random moment, and after a restart on the same data directory every
 //! write that was answered 2xx must be there (at its acknowledged version or later) and the
-//! database must open cleanly. Twenty rounds over one data directory.
+//! database must open cleanly. Twenty rounds over one data directory. The writes are character
+//! creates and updates and interact turns (user message plus stored reply) against the fake
+//! upstream.
 
 mod support;
 
@@ -12,6 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::app::{bin, signal, token, Options, TestServer, SECRET};
+use support::fake_upstream::FakeUpstream;
 
 const ROUNDS: usize = 20;
 const CLIENTS: usize = 4;
@@ -19,19 +22,34 @@ const CLIENTS: usize = 4;
 /// Acknowledged writes: character id → (owner, highest version answered 2xx).
 type Acks = Arc<Mutex<HashMap<String, (String, u64)>>>;
 
+/// Acknowledged interact replies: reply message id → (owner, conversation id).
+type Replies = Arc<Mutex<HashMap<String, (String, String)>>>;
+
+/// What a 2xx answer acknowledged.
+enum Ack {
+    Character(String, u64),
+    Reply {
+        conversation: String,
+        message: String,
+    },
+}
+
 /// One kind of write a client performs. Adding a kind (e.g. interact) is one variant, one arm
 /// in `pick` and one in `perform`.
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Create,
     Update,
+    Interact,
 }
 
 fn pick(own: &[(String, u64)]) -> Op {
-    if own.is_empty() || rand::random_bool(0.35) {
+    if own.is_empty() || rand::random_bool(0.3) {
         Op::Create
-    } else {
+    } else if rand::random_bool(0.5) {
         Op::Update
+    } else {
+        Op::Interact
     }
 }
 
@@ -42,8 +60,9 @@ async fn perform(
     tok: &str,
     op: Op,
     own: &mut Vec<(String, u64)>,
+    conversations: &mut Vec<(String, String)>,
     n: usize,
-) -> Result<Option<(String, u64)>, reqwest::Error> {
+) -> Result<Option<Ack>, reqwest::Error> {
     match op {
         Op::Create => {
             let r = client
@@ -59,7 +78,7 @@ async fn perform(
             let id = v["id"].as_str().unwrap_or_default().to_string();
             let version = v["version"].as_u64().unwrap_or(0);
             own.push((id.clone(), version));
-            Ok(Some((id, version)))
+            Ok(Some(Ack::Character(id, version)))
         }
         Op::Update => {
             let i = rand::random_range(0..own.len());
@@ -76,13 +95,43 @@ async fn perform(
             let v: Value = r.json().await?;
             let version = v["version"].as_u64().unwrap_or(0);
             own[i].1 = version;
-            Ok(Some((id, version)))
+            Ok(Some(Ack::Character(id, version)))
+        }
+        Op::Interact => {
+            // Half the turns continue one of this client's conversations, half start one.
+            let (id, conversation) = match conversations.len() {
+                0 => (own[rand::random_range(0..own.len())].0.clone(), None),
+                len if rand::random_bool(0.5) => {
+                    let (c, cid) = conversations[rand::random_range(0..len)].clone();
+                    (c, Some(cid))
+                }
+                _ => (own[rand::random_range(0..own.len())].0.clone(), None),
+            };
+            let r = client
+                .post(format!("{base}/api/characters/{id}/interact"))
+                .bearer_auth(tok)
+                .json(&json!({"message": format!("turn {n}"), "conversationId": conversation}))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Ok(None);
+            }
+            let v: Value = r.json().await?;
+            let cid = v["conversationId"].as_str().unwrap_or_default().to_string();
+            let mid = v["response"]["id"].as_str().unwrap_or_default().to_string();
+            if conversation.is_none() {
+                conversations.push((id, cid.clone()));
+            }
+            Ok(Some(Ack::Reply {
+                conversation: cid,
+                message: mid,
+            }))
         }
     }
 }
 
 /// Writes until the server stops answering.
-async fn writer(client: reqwest::Client, base: String, user: String, acks: Acks) {
+async fn writer(client: reqwest::Client, base: String, user: String, acks: Acks, replies: Replies) {
     let tok = token(&user);
     // Characters this client already owns from earlier rounds, at their acknowledged versions.
     let mut own: Vec<(String, u64)> = acks
@@ -92,13 +141,24 @@ async fn writer(client: reqwest::Client, base: String, user: String, acks: Acks)
         .filter(|(_, (owner, _))| *owner == user)
         .map(|(id, (_, v))| (id.clone(), *v))
         .collect();
+    // Conversations are started afresh each round: (character id, conversation id).
+    let mut conversations = Vec::new();
     for n in 0.. {
         let op = pick(&own);
-        match perform(&client, &base, &tok, op, &mut own, n).await {
-            Ok(Some((id, version))) => {
+        match perform(&client, &base, &tok, op, &mut own, &mut conversations, n).await {
+            Ok(Some(Ack::Character(id, version))) => {
                 let mut a = acks.lock().unwrap();
                 let e = a.entry(id).or_insert((user.clone(), 0));
                 e.1 = e.1.max(version);
+            }
+            Ok(Some(Ack::Reply {
+                conversation,
+                message,
+            })) => {
+                replies
+                    .lock()
+                    .unwrap()
+                    .insert(message, (user.clone(), conversation));
             }
             Ok(None) => {}
             Err(_) => return,
@@ -106,8 +166,9 @@ async fn writer(client: reqwest::Client, base: String, user: String, acks: Acks)
     }
 }
 
-/// Every acknowledged write is present at its version or later.
-async fn verify(s: &TestServer, acks: &Acks) {
+/// Every acknowledged write is present at its version or later, and every acknowledged reply is
+/// in its conversation.
+async fn verify(s: &TestServer, acks: &Acks, replies: &Replies) {
     let expected: Vec<(String, (String, u64))> = acks.lock().unwrap().clone().into_iter().collect();
     let checks = futures_util::stream::iter(expected)
         .map(|(id, (owner, version))| async move {
@@ -129,11 +190,54 @@ async fn verify(s: &TestServer, acks: &Acks) {
             "character {id}: acknowledged version {version}, found {got}"
         );
     }
+    let mut by_conversation: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    for (mid, (owner, cid)) in replies.lock().unwrap().clone() {
+        by_conversation
+            .entry(cid)
+            .or_insert((owner, Vec::new()))
+            .1
+            .push(mid);
+    }
+    let checks = futures_util::stream::iter(by_conversation)
+        .map(|(cid, (owner, mids))| async move {
+            let r = s
+                .get(
+                    &format!("/api/conversations/{cid}?limit=200"),
+                    Some(&token(&owner)),
+                )
+                .await;
+            let status = r.status();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (cid, mids, status, v)
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (cid, mids, status, v) in checks {
+        assert_eq!(
+            status, 200,
+            "conversation {cid} with acknowledged replies is missing: {v}"
+        );
+        let stored: Vec<&str> = v["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["id"].as_str()).collect())
+            .unwrap_or_default();
+        for mid in mids {
+            assert!(
+                stored.contains(&mid.as_str()),
+                "acknowledged reply {mid} is missing from conversation {cid}"
+            );
+        }
+    }
 }
 
-fn start(dir: &Path) -> impl std::future::Future<Output = TestServer> {
+fn start(dir: &Path, fake: &FakeUpstream) -> impl std::future::Future<Output = TestServer> {
     TestServer::start_with(Options {
         data_dir: Some(dir.to_path_buf()),
+        config: Some(format!(
+            "[upstreams.main]\nurl = \"{}\"\n[rate_limit]\ninteract_per_minute = 0\nother_per_minute = 0\n",
+            fake.openai_url()
+        )),
         ..Options::default()
     })
 }
@@ -142,6 +246,8 @@ fn start(dir: &Path) -> impl std::future::Future<Output = TestServer> {
 async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let acks: Acks = Arc::default();
+    let replies: Replies = Arc::default();
+    let fake = FakeUpstream::start().await;
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(CLIENTS)
@@ -149,8 +255,8 @@ async fn acknowledged_writes_survive_sigkill() {
         .build()
         .unwrap();
     for round in 0..ROUNDS {
-        let s = start(dir.path()).await;
-        verify(&s, &acks).await;
+        let s = start(dir.path(), &fake).await;
+        verify(&s, &acks, &replies).await;
         let writers: Vec<_> = (0..CLIENTS)
             .map(|c| {
                 tokio::spawn(writer(
@@ -158,6 +264,7 @@ async fn acknowledged_writes_survive_sigkill() {
                     s.base.clone(),
                     format!("user{c}"),
                     acks.clone(),
+                    replies.clone(),
                 ))
             })
             .collect();
@@ -169,15 +276,22 @@ async fn acknowledged_writes_survive_sigkill() {
         }
         drop(s);
         let count = acks.lock().unwrap().len();
-        eprintln!("round {round}: killed after {delay} ms, {count} characters acknowledged");
+        let turns = replies.lock().unwrap().len();
+        eprintln!(
+            "round {round}: killed after {delay} ms, {count} characters and {turns} replies acknowledged"
+        );
     }
-    let s = start(dir.path()).await;
-    verify(&s, &acks).await;
+    let s = start(dir.path(), &fake).await;
+    verify(&s, &acks, &replies).await;
     assert_eq!(s.get("/readyz", None).await.status(), 200);
     assert!(s.terminate().success());
     assert!(
         !acks.lock().unwrap().is_empty(),
         "no write was acknowledged"
+    );
+    assert!(
+        !replies.lock().unwrap().is_empty(),
+        "no interact turn was acknowledged"
     );
 
     // The file opens cleanly on its own too: an offline backup opens it and validates the copy.
