@@ -385,6 +385,7 @@ impl InteractService {
         if !bindings.is_empty() && !input.params.dry_run {
             hooks = self
                 .before_hooks(
+                    user,
                     &bindings,
                     &character,
                     &mut conversation,
@@ -851,6 +852,7 @@ impl InteractService {
         conversation: &Conversation,
         messages: &[StoredMessage],
         plugin: &str,
+        recall: Option<crate::plugins::RecallFn>,
     ) -> crate::plugins::CallContext {
         let recent = messages.len().saturating_sub(20);
         crate::plugins::CallContext {
@@ -873,7 +875,23 @@ impl InteractService {
                 .collect(),
             state: conversation.plugin_state.get(plugin).map(|v| v.to_string()),
             seed: rand::random(),
-            recall: None,
+            recall,
+        }
+    }
+
+    /// The plugins' `recall` import for this user and character. A failure to load the memory
+    /// index leaves plugins without recall rather than failing the turn.
+    async fn plugin_recall(
+        &self,
+        user: &User,
+        character: &Character,
+    ) -> Option<crate::plugins::RecallFn> {
+        match self.memory.lookup(user, character).await {
+            Ok(f) => Some(Arc::new(move |q: &str, limit: u32| f(q, limit as usize))),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "plugin recall unavailable");
+                None
+            }
         }
     }
 
@@ -881,6 +899,7 @@ impl InteractService {
     /// a fail-closed failure ends the turn with PLUGIN_FAILED.
     async fn before_hooks(
         &self,
+        user: &User,
         bindings: &[crate::store::PluginBindingRecord],
         character: &Character,
         conversation: &mut Conversation,
@@ -888,6 +907,7 @@ impl InteractService {
         prompt: &AssembledPrompt,
     ) -> Result<BeforeHooks, ApiError> {
         let mut out = BeforeHooks::default();
+        let recall = self.plugin_recall(user, character).await;
         let mut current: Vec<crate::plugins::PromptMessage> = prompt
             .messages
             .iter()
@@ -898,7 +918,7 @@ impl InteractService {
             .collect();
         for b in bindings {
             let ctx = crate::plugins::BeforeContext {
-                base: self.call_context(character, conversation, messages, &b.name),
+                base: self.call_context(character, conversation, messages, &b.name, recall.clone()),
                 prompt: current.clone(),
             };
             let binding = crate::plugins::Binding {
@@ -983,8 +1003,15 @@ impl InteractService {
                 Ok(h) => h.messages.clone(),
                 Err(_) => p.pending.clone(),
             };
+        let recall = self.plugin_recall(&p.user, &p.character).await;
         for b in &p.bindings {
-            let ctx = self.call_context(&p.character, &p.conversation, &history, &b.name);
+            let ctx = self.call_context(
+                &p.character,
+                &p.conversation,
+                &history,
+                &b.name,
+                recall.clone(),
+            );
             let binding = crate::plugins::Binding {
                 name: b.name.clone(),
                 config: b.config.clone(),

@@ -123,6 +123,14 @@ async fn example_plugins_work_through_interact() {
     }
     assert!(found, "plugin memory stored");
 
+    // A new conversation has no mood state yet: the plugin recalls the remembered mood through
+    // the host's `recall` import (Taproom's memory service) instead of starting neutral.
+    let (status, v) = turn(&s, &t, id, json!({"message": "Hello again."})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_ne!(v["conversationId"].as_str().unwrap(), cid);
+    let sent = fake.last_body().unwrap().to_string();
+    assert!(sent.contains("friendly (affection 30/100)"), "{sent}");
+
     // The guard vetoes a reply that mentions the forbidden word; what is stored is what the
     // client is told.
     let (status, v) = turn(

@@ -652,6 +652,37 @@ impl MemoryService {
 
     // ---- recall ----------------------------------------------------------------------------
 
+    /// A synchronous lookup for plugins' `recall(query, limit)` import: the memories this user
+    /// may see with `character`, best first by BM25 relevance and recency (no embeddings: those
+    /// need an upstream call, and a plugin call must not wait on the network). The index is
+    /// loaded here so the lookup itself never touches the store.
+    pub async fn lookup(
+        &self,
+        user: &User,
+        character: &Character,
+    ) -> Result<impl Fn(&str, usize) -> Vec<String> + Send + Sync + 'static, ApiError> {
+        if !can_view(character, Some(user)) {
+            return Err(ApiError::character_access_denied(format!(
+                "character {} is private to its owner",
+                character.id
+            )));
+        }
+        let key = character_key(character)?;
+        let cached = self.index_for(key, &user.id).await?;
+        Ok(move |query: &str, limit: usize| {
+            let Ok(guard) = cached.read() else {
+                return Vec::new();
+            };
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let (ranked, _) = guard.index.rank_top(query, None, now_ms, limit);
+            ranked
+                .iter()
+                .filter_map(|r| guard.index.get(r.id))
+                .map(|e| e.memory.content.clone())
+                .collect()
+        })
+    }
+
     /// The summary and the top-k memories relevant to `query_text` within `budget_tokens`, for
     /// a turn of `user` with `character`. Updates `recallCount` / `lastRecalledAt` in the
     /// background.
