@@ -167,6 +167,46 @@ where
     }
 }
 
+/// True for the expected status with the body read to the end (so the connection is reused, as
+/// a real client's would be).
+async fn ok_body(r: reqwest::Result<reqwest::Response>, status: u16) -> bool {
+    match r {
+        Ok(r) if r.status() == status => r.bytes().await.is_ok(),
+        _ => false,
+    }
+}
+
+/// The floor: a bare hyper server answering every request with `body`, no routing, no auth.
+async fn floor_server(body: bytes::Bytes) -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(body))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    base
+}
+
 #[tokio::main]
 async fn main() {
     let secs: u64 = std::env::args()
@@ -243,12 +283,48 @@ async fn main() {
             .await;
     }
 
+    // Same client, same concurrency, same response bytes, nothing behind them: what this machine
+    // and this load generator can do at all.
+    let sample = client
+        .get(format!("{base}/api/characters/{}", mine[0]))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    println!("GET by id response: {} bytes", sample.len());
+    let floor_base = floor_server(sample).await;
+    let (c, b, t, m) = (client.clone(), floor_base, token.clone(), mine.clone());
+    let mut floor = run("floor: bare hyper, same bytes", secs, move |i| {
+        let (c, b, t, m) = (c.clone(), b.clone(), t.clone(), m.clone());
+        async move {
+            let id = &m[i % m.len()];
+            ok_body(
+                c.get(format!("{b}/api/characters/{id}"))
+                    .bearer_auth(t)
+                    .send()
+                    .await,
+                200,
+            )
+            .await
+        }
+    })
+    .await;
     let (c, b, t, m) = (client.clone(), base.clone(), token.clone(), mine.clone());
     let mut get = run("GET by id (cached)", secs, move |i| {
         let (c, b, t, m) = (c.clone(), b.clone(), t.clone(), m.clone());
         async move {
             let id = &m[i % m.len()];
-            matches!(c.get(format!("{b}/api/characters/{id}")).bearer_auth(t).send().await, Ok(r) if r.status() == 200)
+            ok_body(
+                c.get(format!("{b}/api/characters/{id}"))
+                    .bearer_auth(t)
+                    .send()
+                    .await,
+                200,
+            )
+            .await
         }
     })
     .await;
@@ -257,7 +333,14 @@ async fn main() {
         let (c, b, t) = (c.clone(), b.clone(), t.clone());
         async move {
             let offset = (i % 20) * 50;
-            matches!(c.get(format!("{b}/api/characters?limit=50&offset={offset}")).bearer_auth(t).send().await, Ok(r) if r.status() == 200)
+            ok_body(
+                c.get(format!("{b}/api/characters?limit=50&offset={offset}"))
+                    .bearer_auth(t)
+                    .send()
+                    .await,
+                200,
+            )
+            .await
         }
     })
     .await;
@@ -265,7 +348,14 @@ async fn main() {
     let mut search = run("list with search", secs, move |_| {
         let (c, b, t) = (c.clone(), b.clone(), t.clone());
         async move {
-            matches!(c.get(format!("{b}/api/characters?search=lighthouse&limit=50")).bearer_auth(t).send().await, Ok(r) if r.status() == 200)
+            ok_body(
+                c.get(format!("{b}/api/characters?search=lighthouse&limit=50"))
+                    .bearer_auth(t)
+                    .send()
+                    .await,
+                200,
+            )
+            .await
         }
     })
     .await;
@@ -274,7 +364,7 @@ async fn main() {
         let (c, b, t) = (c.clone(), b.clone(), t.clone());
         async move {
             let body = serde_json::json!({"name": format!("new {i}"), "description": "fresh", "tags": ["bench"]});
-            matches!(c.post(format!("{b}/api/characters")).bearer_auth(t).json(&body).send().await, Ok(r) if r.status() == 201)
+            ok_body(c.post(format!("{b}/api/characters")).bearer_auth(t).json(&body).send().await, 201).await
         }
     })
     .await;
@@ -290,7 +380,16 @@ async fn main() {
     let mut import = run("import PNG card (HTTP)", secs, move |_| {
         let (c, b, t, k) = (c.clone(), b.clone(), t.clone(), k.clone());
         async move {
-            matches!(c.post(format!("{b}/api/characters/import")).bearer_auth(t).header("content-type", "image/png").body(k.to_vec()).send().await, Ok(r) if r.status() == 201)
+            ok_body(
+                c.post(format!("{b}/api/characters/import"))
+                    .bearer_auth(t)
+                    .header("content-type", "image/png")
+                    .body(k.to_vec())
+                    .send()
+                    .await,
+                201,
+            )
+            .await
         }
     })
     .await;
@@ -324,6 +423,7 @@ async fn main() {
     .await;
     println!("concurrency {CONCURRENCY}, {secs}s per scenario");
     for s in [
+        &mut floor,
         &mut get,
         &mut list,
         &mut search,

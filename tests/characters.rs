@@ -784,3 +784,68 @@ async fn data_survives_a_restart() {
         .unwrap();
     assert_eq!(list["total"], 1);
 }
+
+#[tokio::test]
+async fn searches_see_every_write_at_once() {
+    // Searches and non-default sorts read cached summary rows; each write must show up in the
+    // very next search, for the owner and for other users of public characters.
+    let s = TestServer::start().await;
+    let (ann, bob) = (token("ann"), token("bob"));
+    let search = |t: String, q: &'static str| {
+        let s = &s;
+        async move { all_pages(s, &t, q, 50).await }
+    };
+    assert_eq!(search(ann.clone(), "search=lantern").await.1, 0);
+    let c = s
+        .create_character(
+            &ann,
+            json!({"name": "Keeper", "description": "a lantern keeper"}),
+        )
+        .await;
+    let id = c["id"].as_str().unwrap();
+    assert_eq!(
+        search(ann.clone(), "search=lantern").await.0,
+        vec!["Keeper"]
+    );
+    assert_eq!(
+        search(bob.clone(), "search=lantern&scope=public").await.1,
+        0
+    );
+
+    let r = s
+        .put_json(
+            &format!("/api/characters/{id}"),
+            Some(&ann),
+            &json!({"version": c["version"], "isPublic": true, "description": "a candle keeper"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(search(ann.clone(), "search=lantern").await.1, 0);
+    assert_eq!(search(ann.clone(), "search=candle").await.0, vec!["Keeper"]);
+    assert_eq!(
+        search(bob.clone(), "search=candle&scope=public").await.0,
+        vec!["Keeper"]
+    );
+    assert_eq!(search(ann.clone(), "sort=name").await.0, vec!["Keeper"]);
+
+    let r = s
+        .put_json(
+            &format!("/api/characters/{id}"),
+            Some(&ann),
+            &json!({"version": v["version"], "name": "Warden"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(search(ann.clone(), "sort=name").await.0, vec!["Warden"]);
+
+    assert_eq!(
+        s.delete(&format!("/api/characters/{id}"), Some(&ann))
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(search(ann.clone(), "search=candle").await.1, 0);
+    assert_eq!(search(bob.clone(), "search=candle&scope=public").await.1, 0);
+    assert_eq!(search(ann.clone(), "sort=name").await.1, 0);
+}

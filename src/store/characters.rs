@@ -3,11 +3,11 @@
 
 use super::summary::Summary;
 use super::{
-    decode_record, encode_record, Cached, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
+    decode_record, encode_record, Cached, RowsKey, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
     BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC, SLUGS,
 };
 use crate::model::Character;
-use redb::{Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -125,12 +125,6 @@ pub fn parse_id(id: &str) -> Option<u128> {
 }
 
 impl Store {
-    fn begin_durable_write(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        Ok(txn)
-    }
-
     /// A character by id, from the cache when possible.
     pub fn get_character(&self, id: u128) -> Result<Option<Arc<Character>>, StoreError> {
         if let Some(cached) = self.cache.get(&id) {
@@ -169,7 +163,7 @@ impl Store {
         quota: u64,
     ) -> Result<(), StoreError> {
         let id = parse_id(&character.id).ok_or_else(|| StoreError::Corrupt("bad id".into()))?;
-        let txn = self.begin_durable_write()?;
+        let txn = self.write()?;
         {
             let mut counts = txn.open_table(OWNER_COUNTS)?;
             let count = counts
@@ -198,7 +192,7 @@ impl Store {
     /// Inserts many new characters in one transaction (bulk import and benchmarks seeding);
     /// the quota is not applied.
     pub fn create_many(&self, characters: &[Character]) -> Result<(), StoreError> {
-        let txn = self.begin_durable_write()?;
+        let txn = self.write()?;
         {
             let mut per_owner: std::collections::HashMap<String, u64> = Default::default();
             for c in characters {
@@ -228,7 +222,7 @@ impl Store {
         avatar: AvatarChange,
     ) -> Result<Character, StoreError> {
         let id = parse_id(&updated.id).ok_or_else(|| StoreError::NotFound(updated.id.clone()))?;
-        let txn = self.begin_durable_write()?;
+        let txn = self.write()?;
         let stored;
         {
             let current: Character = {
@@ -281,7 +275,7 @@ impl Store {
 
     /// Deletes a character and everything stored for it, in one transaction.
     pub fn delete_character(&self, id: u128) -> Result<(), StoreError> {
-        let txn = self.begin_durable_write()?;
+        let txn = self.write()?;
         let removed_conversations;
         {
             let current: Character = {
@@ -347,6 +341,8 @@ impl Store {
         &self,
         q: &CharacterQuery,
     ) -> Result<(Vec<Arc<Character>>, u64), StoreError> {
+        // Before the read transaction, so cached rows are never newer than what it could see.
+        let generation = self.generation();
         let txn = self.db.begin_read()?;
         // Fast path: the default order over one owner's characters is an index range scan.
         if q.scope == Scope::Own
@@ -392,28 +388,26 @@ impl Store {
             .collect();
         let may_match = |raw: &[u8]| needles.iter().all(|f| f.find(raw).is_some());
         if matches!(q.scope, Scope::Own | Scope::All) {
-            let by_owner = txn.open_table(BY_OWNER)?;
-            for item in by_owner.range((q.owner.as_str(), 0u128)..=(q.owner.as_str(), u128::MAX))? {
-                let (_, v) = item?;
-                if !may_match(v.value()) {
+            let owned = self.summary_rows(&txn, RowsKey::Owner(q.owner.clone()), generation)?;
+            for (_, raw) in owned.rows.iter() {
+                if !may_match(raw) {
                     continue;
                 }
-                let s = Summary::decode(v.value())
-                    .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                let s =
+                    Summary::decode(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 if keep(&s) {
                     rows.push(s);
                 }
             }
         }
         if matches!(q.scope, Scope::Public | Scope::All) {
-            let public = txn.open_table(PUBLIC)?;
-            for item in public.iter()? {
-                let (_, v) = item?;
-                if !may_match(v.value()) {
+            let public = self.summary_rows(&txn, RowsKey::Public, generation)?;
+            for (_, raw) in public.rows.iter() {
+                if !may_match(raw) {
                     continue;
                 }
-                let s = Summary::decode(v.value())
-                    .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                let s =
+                    Summary::decode(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 // Own public characters were already collected above.
                 if q.scope == Scope::All && s.owner == q.owner {
                     continue;

@@ -5,7 +5,7 @@
 use super::characters::parse_id;
 use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS};
 use crate::model::{Character, Conversation, StoredMessage};
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -67,12 +67,6 @@ fn ms(rfc: &str) -> i64 {
 }
 
 impl Store {
-    fn durable(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        Ok(txn)
-    }
-
     /// A conversation with all its messages (cached).
     pub fn history(&self, conversation_id: u128) -> Result<Option<Arc<History>>, StoreError> {
         if let Some(h) = self.histories.get(&conversation_id) {
@@ -116,7 +110,7 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt("conversation id".into()))?;
         let chid = parse_id(&conversation.character_id)
             .ok_or_else(|| StoreError::NotFound(conversation.character_id.clone()))?;
-        let txn = self.durable()?;
+        let txn = self.write()?;
         let updated_character;
         {
             // The character must still exist: a conversation never outlives it.
@@ -209,7 +203,7 @@ impl Store {
 
     /// Deletes a conversation and its messages.
     pub fn delete_conversation(&self, cid: u128) -> Result<(), StoreError> {
-        let txn = self.durable()?;
+        let txn = self.write()?;
         {
             let conv: Conversation = {
                 let t = txn.open_table(CONVERSATIONS)?;
@@ -325,7 +319,7 @@ impl Store {
         key: &str,
         record: &IdempotentRecord,
     ) -> Result<(), StoreError> {
-        let txn = self.durable()?;
+        let txn = self.write()?;
         txn.open_table(IDEMPOTENCY)?
             .insert((user, key), encode_record(record)?.as_slice())?;
         txn.commit()?;

@@ -23,8 +23,12 @@ pub use summary::Summary;
 
 use crate::model::Character;
 use moka::sync::Cache;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The schema this build writes; older files are migrated on open, newer ones refused.
@@ -109,6 +113,57 @@ pub struct Store {
     /// Character cache hits and misses since open; atomics because moka keeps no counters and
     /// every request thread reads characters.
     cache_counters: Arc<CacheCounters>,
+    /// Raw summary rows per owner (and of all public characters) for searches and non-default
+    /// sorts, so those scan memory instead of the B-tree. Valid while `generation` is unchanged.
+    summaries: Cache<RowsKey, Arc<SummaryRows>>,
+    /// Bumped after every commit that may change summaries (see [`Write`]).
+    generation: Arc<AtomicU64>,
+}
+
+/// Which summary table a cached row list mirrors.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum RowsKey {
+    Owner(String),
+    Public,
+}
+
+/// One owner's (or the public) summary rows as of a store generation.
+#[derive(Debug)]
+pub(crate) struct SummaryRows {
+    pub generation: u64,
+    pub rows: Vec<(u128, Box<[u8]>)>,
+}
+
+/// Upper bound on the memory held by cached summary rows.
+const SUMMARY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A durable write transaction that, once committed, marks every cached summary list stale.
+pub(crate) struct Write {
+    txn: WriteTransaction,
+    generation: Arc<AtomicU64>,
+}
+
+impl Deref for Write {
+    type Target = WriteTransaction;
+    fn deref(&self) -> &WriteTransaction {
+        &self.txn
+    }
+}
+
+impl DerefMut for Write {
+    fn deref_mut(&mut self) -> &mut WriteTransaction {
+        &mut self.txn
+    }
+}
+
+impl Write {
+    /// Commits, then bumps the generation: a reader that loaded the old generation read its
+    /// rows before this commit and must not publish them as current.
+    pub(crate) fn commit(self) -> Result<(), redb::CommitError> {
+        self.txn.commit()?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 /// Hit and miss totals of the character cache.
@@ -134,9 +189,68 @@ impl Store {
                 .max_capacity(cache_capacity / 4 + 16)
                 .build(),
             cache_counters: Arc::default(),
+            summaries: Cache::builder()
+                .max_capacity(SUMMARY_CACHE_BYTES)
+                .weigher(|_, rows: &Arc<SummaryRows>| {
+                    let bytes: usize = rows.rows.iter().map(|(_, r)| r.len() + 40).sum();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .build(),
+            generation: Arc::default(),
         };
         store.init_schema()?;
         Ok(store)
+    }
+
+    /// A durable write transaction (committed with `Durability::Immediate`).
+    pub(crate) fn write(&self) -> Result<Write, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(Write {
+            txn,
+            generation: self.generation.clone(),
+        })
+    }
+
+    /// The current write generation; read it before opening the read transaction that the
+    /// result will be paired with.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The raw rows of one summary table for `key`, from memory when no commit happened since
+    /// they were loaded, else read through `txn` (whose snapshot is at least `generation`).
+    pub(crate) fn summary_rows(
+        &self,
+        txn: &redb::ReadTransaction,
+        key: RowsKey,
+        generation: u64,
+    ) -> Result<Arc<SummaryRows>, StoreError> {
+        if let Some(found) = self.summaries.get(&key) {
+            if found.generation == generation {
+                return Ok(found);
+            }
+        }
+        let mut rows = Vec::new();
+        match &key {
+            RowsKey::Owner(owner) => {
+                let table = txn.open_table(BY_OWNER)?;
+                for item in table.range((owner.as_str(), 0u128)..=(owner.as_str(), u128::MAX))? {
+                    let (k, v) = item?;
+                    rows.push((k.value().1, Box::from(v.value())));
+                }
+            }
+            RowsKey::Public => {
+                let table = txn.open_table(PUBLIC)?;
+                for item in table.iter()? {
+                    let (k, v) = item?;
+                    rows.push((k.value(), Box::from(v.value())));
+                }
+            }
+        }
+        let loaded = Arc::new(SummaryRows { generation, rows });
+        self.summaries.insert(key, loaded.clone());
+        Ok(loaded)
     }
 
     fn init_schema(&self) -> Result<(), StoreError> {
