@@ -214,6 +214,7 @@ async fn not_found() -> ApiError {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use axum::routing::get;
     use tower::ServiceExt;
 
     #[tokio::test]
