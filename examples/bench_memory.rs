@@ -74,7 +74,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dir = tempfile::tempdir()?;
     let store = Store::open(&dir.path().join("bench.redb"), 1_000)?;
-    let characters = CharacterService::new(store.clone(), LimitsConfig::default());
+    let characters = CharacterService::new(store.clone(), LimitsConfig::default(), 1024);
     let user = User {
         id: "bench-user".into(),
         admin: false,

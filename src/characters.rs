@@ -112,12 +112,13 @@ pub struct CharacterService {
 
 impl CharacterService {
     /// A service over `store` with the configured limits.
-    pub fn new(store: Store, limits: LimitsConfig) -> Self {
+    pub fn new(store: Store, limits: LimitsConfig, cache_capacity: u64) -> Self {
         Self {
             store,
             limits,
+            // As many as the character cache: a cached read should not have to recompute them.
             related: moka::sync::Cache::builder()
-                .max_capacity(10_000)
+                .max_capacity(cache_capacity)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
         }

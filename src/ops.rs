@@ -362,7 +362,11 @@ fn open_services(config: Config) -> Result<(Store, ConversationService), String>
         }
         Err(e) => return Err(format!("cannot open {}: {e}", db.display())),
     };
-    let characters = CharacterService::new(store.clone(), config.limits.clone());
+    let characters = CharacterService::new(
+        store.clone(),
+        config.limits.clone(),
+        config.store.cache_capacity,
+    );
     let conversations = ConversationService::new(store.clone(), characters);
     Ok((store, conversations))
 }

@@ -6,7 +6,7 @@ use crate::characters::CharacterService;
 use crate::config::{Config, ConfigError};
 use crate::conversations::ConversationService;
 use crate::http::rate_limit::RateLimiter;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Shared};
 use crate::interact::InteractService;
 use crate::memory::MemoryService;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -57,7 +57,11 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         );
     let metrics = Metrics::new(config.db_path()).map_err(|e| StartError::Metrics(e.to_string()))?;
     let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
-    let characters = CharacterService::new(store.clone(), config.limits.clone());
+    let characters = CharacterService::new(
+        store.clone(),
+        config.limits.clone(),
+        config.store.cache_capacity,
+    );
     let conversations = ConversationService::new(store.clone(), characters.clone());
     let tokenizer = Tokenizer::cl100k().map_err(|e| StartError::Tokenizer(e.to_string()))?;
     let memory = MemoryService::new(
@@ -86,7 +90,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         config.prompt.clone(),
     );
     let limiter = RateLimiter::new(&config.rate_limit);
-    Ok(AppState {
+    Ok(AppState::new(Shared {
         interact,
         config: Arc::new(config),
         auth: Arc::new(auth),
@@ -98,7 +102,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
         upstreams,
         metrics: Arc::new(metrics),
         limiter: Arc::new(limiter),
-    })
+    }))
 }
 
 /// Serves `state` over plain HTTP on `listener` until `shutdown` resolves, then drains for the

@@ -39,9 +39,27 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-/// Shared state handed to every handler. Cheap to clone.
+/// Shared state handed to every handler. axum clones it for every request and extractor, so a
+/// clone is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// Wraps the services for sharing.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The services and settings every handler reads.
+pub struct Shared {
     pub config: Arc<Config>,
     pub auth: Arc<Authenticator>,
     pub characters: CharacterService,

@@ -114,9 +114,10 @@ fn encode_posting(c: &Character) -> Vec<u8> {
     out
 }
 
-fn decode_posting(raw: &[u8]) -> Option<(String, bool)> {
+/// (owner, public) of a posting, borrowed: most postings are skipped, so allocate only for kept ones.
+fn decode_posting(raw: &[u8]) -> Option<(&str, bool)> {
     let (flag, owner) = raw.split_first()?;
-    Some((String::from_utf8(owner.to_vec()).ok()?, *flag == 1))
+    Some((std::str::from_utf8(owner).ok()?, *flag == 1))
 }
 
 /// Parses a character id; anything that is not a UUID cannot exist.
@@ -450,9 +451,9 @@ impl Store {
                 if public || owner == c.creator_id {
                     scores
                         .entry(id)
-                        .or_insert(RelatedCandidate {
+                        .or_insert_with(|| RelatedCandidate {
                             id,
-                            owner,
+                            owner: owner.to_string(),
                             public,
                             score: 0,
                         })

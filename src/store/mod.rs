@@ -102,9 +102,20 @@ enum Cached {
     Gone,
 }
 
-/// The embedded database plus its cache. Cheap to clone.
+/// The embedded database plus its caches. Cloning is one reference count: every service and
+/// every blocking task holds a clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct Store(Arc<StoreInner>);
+
+impl Deref for Store {
+    type Target = StoreInner;
+    fn deref(&self) -> &StoreInner {
+        &self.0
+    }
+}
+
+/// What a [`Store`] shares.
+pub struct StoreInner {
     db: Arc<Database>,
     /// Characters by id; written after every commit, so reads never see older data than the file.
     cache: Cache<u128, Cached>,
@@ -182,7 +193,7 @@ impl Store {
             })?;
         }
         let db = Database::create(path)?;
-        let store = Self {
+        let store = Self(Arc::new(StoreInner {
             db: Arc::new(db),
             cache: Cache::builder().max_capacity(cache_capacity).build(),
             histories: Cache::builder()
@@ -197,7 +208,7 @@ impl Store {
                 })
                 .build(),
             generation: Arc::default(),
-        };
+        }));
         store.init_schema()?;
         Ok(store)
     }
