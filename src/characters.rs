@@ -108,6 +108,9 @@ pub struct CharacterService {
     /// Related-character candidates per (character, version), kept for a minute: other
     /// characters change without bumping this one's version, so the list may lag that long.
     related: moka::sync::Cache<(u128, u64), Arc<Vec<RelatedCandidate>>>,
+    /// Concurrent list scans, at most one per core: more only time-slice each other, and the
+    /// fair queue keeps the slowest answers close to the median.
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl CharacterService {
@@ -121,6 +124,9 @@ impl CharacterService {
                 .max_capacity(cache_capacity)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            scans: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
     }
 
@@ -320,6 +326,11 @@ impl CharacterService {
 
     /// One page of characters.
     pub async fn list(&self, q: CharacterQuery) -> Result<(Vec<Arc<Character>>, u64), ApiError> {
+        let _permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("list queue closed"))?;
         let store = self.store.clone();
         Ok(blocking(move || store.list_characters(&q)).await?)
     }

@@ -1,7 +1,7 @@
 //! Character records, their index entries, avatars and the per-owner quota counter, always
 //! written together in one transaction.
 
-use super::summary::Summary;
+use super::summary::{Summary, SummaryView};
 use super::{
     decode_record, encode_record, Cached, RowsKey, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
     BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC, SLUGS,
@@ -375,8 +375,21 @@ impl Store {
             return Ok((page, total));
         }
 
-        let mut rows: Vec<Summary> = Vec::new();
-        let keep = |s: &Summary| {
+        // Both lists stay alive for the whole call: the views below borrow from them.
+        let owned = match q.scope {
+            Scope::Own | Scope::All => {
+                Some(self.summary_rows(&txn, RowsKey::Owner(q.owner.clone()), generation)?)
+            }
+            Scope::Public => None,
+        };
+        let public = match q.scope {
+            Scope::Public | Scope::All => {
+                Some(self.summary_rows(&txn, RowsKey::Public, generation)?)
+            }
+            Scope::Own => None,
+        };
+        let mut rows: Vec<SummaryView<'_>> = Vec::new();
+        let keep = |s: &SummaryView<'_>| {
             q.search.as_deref().is_none_or(|n| s.matches_search(n)) && s.has_all_tags(&q.tags)
         };
         // Every searched field is stored lowercased in the summary bytes, so a record whose
@@ -388,27 +401,25 @@ impl Store {
             .map(|n| memchr::memmem::Finder::new(n.as_bytes()))
             .collect();
         let may_match = |raw: &[u8]| needles.iter().all(|f| f.find(raw).is_some());
-        if matches!(q.scope, Scope::Own | Scope::All) {
-            let owned = self.summary_rows(&txn, RowsKey::Owner(q.owner.clone()), generation)?;
+        if let Some(owned) = &owned {
             for (_, raw) in owned.rows.iter() {
                 if !may_match(raw) {
                     continue;
                 }
                 let s =
-                    Summary::decode(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                    SummaryView::parse(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 if keep(&s) {
                     rows.push(s);
                 }
             }
         }
-        if matches!(q.scope, Scope::Public | Scope::All) {
-            let public = self.summary_rows(&txn, RowsKey::Public, generation)?;
+        if let Some(public) = &public {
             for (_, raw) in public.rows.iter() {
                 if !may_match(raw) {
                     continue;
                 }
                 let s =
-                    Summary::decode(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+                    SummaryView::parse(raw).ok_or_else(|| StoreError::Corrupt("summary".into()))?;
                 // Own public characters were already collected above.
                 if q.scope == Scope::All && s.owner == q.owner {
                     continue;
@@ -512,10 +523,10 @@ impl Store {
     }
 }
 
-fn sort_summaries(rows: &mut [Summary], sort: CharacterSort, descending: bool) {
+fn sort_summaries(rows: &mut [SummaryView<'_>], sort: CharacterSort, descending: bool) {
     rows.sort_by(|a, b| {
         let ord = match sort {
-            CharacterSort::Name => a.name.cmp(&b.name),
+            CharacterSort::Name => a.name.cmp(b.name),
             CharacterSort::Created => a.created_ms.cmp(&b.created_ms),
             CharacterSort::Modified => a.updated_ms.cmp(&b.updated_ms),
             CharacterSort::Usage => a.usage.cmp(&b.usage),

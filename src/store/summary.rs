@@ -75,6 +75,30 @@ impl Summary {
 
     /// Decodes `encode`'s output; `None` for a corrupt record.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
+        SummaryView::parse(bytes).map(|v| v.to_owned())
+    }
+}
+
+/// A summary read in place from its encoded bytes: listing filters and sorts thousands of rows
+/// per request, and borrowing saves copying every description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryView<'a> {
+    pub id: u128,
+    pub owner: &'a str,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub usage: u64,
+    pub is_public: bool,
+    pub is_active: bool,
+    pub name: &'a str,
+    pub tags: Vec<&'a str>,
+    pub group_id: Option<&'a str>,
+    pub description: &'a str,
+}
+
+impl<'a> SummaryView<'a> {
+    /// Reads `Summary::encode`'s output; `None` for a corrupt record.
+    pub fn parse(bytes: &'a [u8]) -> Option<Self> {
         let mut r = Reader { bytes, pos: 0 };
         if r.take(1)?[0] != 1 {
             return None;
@@ -84,15 +108,15 @@ impl Summary {
         let updated_ms = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
         let usage = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
         let flags = r.take(1)?[0];
-        let owner = r.string()?;
-        let name = r.string()?;
-        let group = r.string()?;
+        let owner = r.str()?;
+        let name = r.str()?;
+        let group = r.str()?;
         let n = r.u32()? as usize;
         let mut tags = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            tags.push(r.string()?);
+            tags.push(r.str()?);
         }
-        let description = r.string()?;
+        let description = r.str()?;
         Some(Self {
             id,
             owner,
@@ -106,6 +130,35 @@ impl Summary {
             group_id: (!group.is_empty()).then_some(group),
             description,
         })
+    }
+
+    /// Whether a lowercased query occurs in the name, description or a tag.
+    pub fn matches_search(&self, needle: &str) -> bool {
+        self.name.contains(needle)
+            || self.tags.iter().any(|t| t.contains(needle))
+            || self.description.contains(needle)
+    }
+
+    /// Whether every lowercased tag in `wanted` is one of this character's tags.
+    pub fn has_all_tags(&self, wanted: &[String]) -> bool {
+        wanted.iter().all(|w| self.tags.iter().any(|t| t == w))
+    }
+
+    /// The owned summary.
+    pub fn to_owned(&self) -> Summary {
+        Summary {
+            id: self.id,
+            owner: self.owner.to_string(),
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            usage: self.usage,
+            is_public: self.is_public,
+            is_active: self.is_active,
+            name: self.name.to_string(),
+            tags: self.tags.iter().map(|t| t.to_string()).collect(),
+            group_id: self.group_id.map(str::to_string),
+            description: self.description.to_string(),
+        }
     }
 }
 
@@ -129,9 +182,9 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
-    fn string(&mut self) -> Option<String> {
+    fn str(&mut self) -> Option<&'a str> {
         let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
+        std::str::from_utf8(self.take(n)?).ok()
     }
 }
 
