@@ -154,6 +154,16 @@ async fn json_responses_are_compressed_when_asked() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-encoding"], enc);
     }
+    // Small bodies are not worth it: they go out as they are.
+    let r = s
+        .client
+        .get(s.url("/healthz"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-encoding").is_none());
 }
 
 #[tokio::test]

@@ -29,6 +29,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -134,6 +135,16 @@ pub fn router(state: AppState) -> Router {
     with_layers(api, &config).layer(middleware::from_fn_with_state(state, crate::metrics::track))
 }
 
+/// What is worth compressing: bodies of at least a kilobyte (a chat completion or an error is
+/// smaller, and compressing it costs more than it saves on the wire), never images, gRPC or
+/// event streams (SSE must flush every event).
+fn compressible() -> impl Predicate {
+    SizeAbove::new(1024)
+        .and(NotForContentType::GRPC)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::SSE)
+}
+
 /// Wraps routes in every tower layer, outermost last.
 pub fn with_layers(api: Router, config: &Config) -> Router {
     api.layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
@@ -142,7 +153,12 @@ pub fn with_layers(api: Router, config: &Config) -> Router {
             StatusCode::GATEWAY_TIMEOUT,
             config.request_timeout(),
         ))
-        .layer(CompressionLayer::new().gzip(true).br(true))
+        .layer(
+            CompressionLayer::new()
+                .gzip(true)
+                .br(true)
+                .compress_when(compressible()),
+        )
         .layer(cors(config))
         .layer(CatchPanicLayer::custom(on_panic))
         .layer(
