@@ -11,11 +11,12 @@ import statistics
 import sys
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
-TARGETS = ["direct", "floor", "taproom", "char", "interact", "litellm"]
+TARGETS = ["direct", "floor", "taproom", "taproom_id", "char", "interact", "litellm"]
 LABEL = {
     "direct": "direct (fake upstream)",
     "floor": "floor (mini_proxy)",
     "taproom": "Taproom passthrough",
+    "taproom_id": "Taproom passthrough, `accept-encoding: identity`",
     "char": "Taproom `char-bench`",
     "interact": "Taproom interact",
     "litellm": "LiteLLM",
@@ -119,10 +120,16 @@ if sj:
     P("### Targets (#9, #5)\n")
     d = sj["taproom"]["p50"] - sj["floor"]["p50"]
     P(check(d <= 0.05, f"#9 sequential JSON p50 within +0.05 ms of the floor: Taproom {f(sj['taproom']['p50'],3)} ms vs floor {f(sj['floor']['p50'],3)} ms = {d:+.3f} ms"))
+    if "taproom_id" in sj:
+        d = sj["taproom_id"]["p50"] - sj["floor"]["p50"]
+        P(check(d <= 0.05, f"#9 sequential JSON p50, uncompressed (`accept-encoding: identity`): {f(sj['taproom_id']['p50'],3)} ms = {d:+.3f} ms over the floor"))
     d = ss["taproom"]["p50"] - ss["floor"]["p50"]
     P(check(d <= 0.05, f"#9 sequential streaming (total) p50 within +0.05 ms of the floor: {f(ss['taproom']['p50'],3)} vs {f(ss['floor']['p50'],3)} ms = {d:+.3f} ms"))
     q = ratio(cj["taproom"]["rps"], cj["floor"]["rps"])
     P(check(q >= 0.8, f"#9 c=32 JSON throughput ≥ 0.8× floor: {f(cj['taproom']['rps'],0)} vs {f(cj['floor']['rps'],0)} req/s = {q:.2f}×"))
+    if "taproom_id" in cj:
+        q = ratio(cj["taproom_id"]["rps"], cj["floor"]["rps"])
+        P(check(q >= 0.8, f"#9 c=32 JSON throughput, uncompressed: {f(cj['taproom_id']['rps'],0)} req/s = {q:.2f}× the floor"))
     q = ratio(cs["taproom"]["rps"], cs["floor"]["rps"])
     P(check(q >= 0.8, f"#9 c=32 streaming throughput ≥ 0.8× floor: {f(cs['taproom']['rps'],0)} vs {f(cs['floor']['rps'],0)} streams/s = {q:.2f}×"
           + (f" (kit sse_load: {ratio(ck['taproom']['rps'], ck['floor']['rps']):.2f}×)" if 'taproom' in ck and 'floor' in ck else "")))
@@ -147,18 +154,18 @@ if st:
         rows = [json.load(open(p)) for p in sorted(glob.glob(f"{OUT}/s*_{t}_rss.json"))]
         if rows:
             rss[t] = {k: max(r[k] for r in rows) for k in rows[0]}
-    P(f"### Streams at scale (max of rounds for memory; median of {st['direct']['n']} rounds otherwise; ms)\n")
-    P("| target | streams/s | max in flight | deltas/stream | TTFD p50 | TTFD p99 | added TTFD p50 | added TTFD p99 | total p50 | total p99 | Taproom VmHWM MB | RSS before MB | errors |")
-    P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    P(f"### Streams at scale (median of {st['direct']['n']} rounds; memory: the largest peak, each case on a fresh Taproom; ms)\n")
+    P("| target | streams/s | max in flight | deltas/stream | TTFD p50 | TTFD p99 | added TTFD p50 | added TTFD p99 | total p50 | total p99 | Taproom peak RSS (VmHWM) MB | fresh RSS MB | threads after | errors |")
+    P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     d = st["direct"]
     for t in TARGETS:
         if t not in st:
             continue
         s = st[t]
-        m = rss.get(t) if t != "direct" else None
+        m = rss.get(t) if t in ("taproom", "char", "interact") else None
         P(f"| {LABEL[t]} | {f(s['rps'],0)} | {f(s['inflight'],0)} | {f(s['deltas'],1)} | {f(s['ttfd50'],3)} | {f(s['ttfd99'],3)} "
           f"| {f(s['ttfd50']-d['ttfd50'],3) if t!='direct' else ''} | {f(s['ttfd99']-d['ttfd99'],3) if t!='direct' else ''} "
-          f"| {f(s['p50'],1)} | {f(s['p99'],1)} | {f(m['vmhwm_kb']/1024,1) if m else ''} | {f(m['rss_before_kb']/1024,1) if m else ''} | {s['errors']:.0f} |")
+          f"| {f(s['p50'],1)} | {f(s['p99'],1)} | {f(m['vmhwm_kb']/1024,1) if m else ''} | {f(m['rss_before_kb']/1024,1) if m else ''} | {f(m['threads'],0) if m else ''} | {s['errors']:.0f} |")
     P("")
     P("### Targets (#6)\n")
     for t in ("taproom", "char", "interact"):
@@ -168,4 +175,19 @@ if st:
         P(check(m["vmhwm_kb"] / 1024 <= 150, f"#6 {LABEL[t]}: peak RSS {m['vmhwm_kb']/1024:.1f} MB (≤ 150)"))
         a50, a99 = s["ttfd50"] - d["ttfd50"], s["ttfd99"] - d["ttfd99"]
         P(check(a99 <= 5, f"#6 {LABEL[t]}: added TTFD p50 {a50:+.3f} ms, p99 {a99:+.3f} ms (p99 ≤ 5)"))
+cpu = {}
+retried = 0
+if os.path.exists(f"{OUT}/cpu.tsv"):
+    for l in open(f"{OUT}/cpu.tsv"):
+        c = l.rstrip("\n").split("\t")
+        retried += len(c) > 4 and c[4] != "1"
+        cpu[c[0]] = c  # the attempt that was kept is the last one
+if cpu:
+    other = [max(0.0, float(c[3])) for c in cpu.values()]
+    busy = [c for c in cpu.values() if float(c[3]) > 0.25]
+    P("")
+    P(f"CPU used by other processes during the kept measurements (cores; approximate, from "
+      f"/proc/stat minus this run's processes): median {statistics.median(other):.2f}, max {max(other):.2f}; "
+      f"{retried} case(s) measured again because of other load; {len(busy)} of {len(cpu)} kept cases above 0.25"
+      + (": " + ", ".join(f"{c[0]} ({float(c[3]):.2f})" for c in busy[:12]) if busy else "") + ".")
 print("\n".join(lines))
