@@ -41,18 +41,6 @@ impl Summary {
         }
     }
 
-    /// Whether a lowercased query occurs in the name, description or a tag.
-    pub fn matches_search(&self, needle: &str) -> bool {
-        self.name.contains(needle)
-            || self.tags.iter().any(|t| t.contains(needle))
-            || self.description.contains(needle)
-    }
-
-    /// Whether every lowercased tag in `wanted` is one of this character's tags.
-    pub fn has_all_tags(&self, wanted: &[String]) -> bool {
-        wanted.iter().all(|w| self.tags.iter().any(|t| t == w))
-    }
-
     /// Binary encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.name.len() + self.description.len());
