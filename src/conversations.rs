@@ -188,13 +188,13 @@ impl ConversationService {
     ) -> Result<Arc<History>, ApiError> {
         let store = self.store.clone();
         Ok(blocking(move || {
-            store.save_conversation(
-                &conversation,
-                previous.as_ref(),
-                &upserts,
-                &removed,
+            store.save_conversation(store::ConversationChange {
+                conversation,
+                previous,
+                upserts,
+                removed,
                 usage_delta,
-            )
+            })
         })
         .await?)
     }

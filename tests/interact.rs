@@ -1039,3 +1039,72 @@ async fn memories_are_recalled_into_the_prompt_and_summaries_follow_turns() {
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn concurrent_turns_share_commits_and_every_count_is_exact() {
+    // Saves that arrive together are committed together; each conversation must still get
+    // exactly its own messages in order, and counters touched by many turns in one commit
+    // must add up.
+    let fake = FakeUpstream::start().await;
+    let s = start(&fake, "[rate_limit]\ninteract_per_minute = 0\n").await;
+    let t = token("ann");
+    let mut ids = Vec::new();
+    for name in ["Alpha", "Beta"] {
+        let c = s.create_character(&t, json!({"name": name})).await;
+        ids.push(c["id"].as_str().unwrap().to_string());
+    }
+    let per_character = 12;
+    let first = futures_util::future::join_all((0..2 * per_character).map(|i| {
+        let (s, t, id) = (&s, &t, ids[i % 2].clone());
+        async move {
+            let (status, v) = interact(s, t, &id, json!({"message": format!("m{i}-1")})).await;
+            assert_eq!(status, 200, "{v}");
+            (i, id, v["conversationId"].as_str().unwrap().to_string())
+        }
+    }))
+    .await;
+    futures_util::future::join_all(first.iter().map(|(i, id, cid)| {
+        let (s, t) = (&s, &t);
+        async move {
+            let body = json!({"message": format!("m{i}-2"), "conversationId": cid});
+            let (status, v) = interact(s, t, id, body).await;
+            assert_eq!(status, 200, "{v}");
+        }
+    }))
+    .await;
+    for (i, _, cid) in &first {
+        let v: Value = s
+            .get(&format!("/api/conversations/{cid}"), Some(&t))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let texts: Vec<&str> = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                format!("m{i}-1"),
+                format!("echo: m{i}-1"),
+                format!("m{i}-2"),
+                format!("echo: m{i}-2")
+            ],
+            "conversation {cid}"
+        );
+    }
+    for id in &ids {
+        let d: Value = s
+            .get(&format!("/api/characters/{id}"), Some(&t))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(d["usageCount"], 2 * per_character as u64, "{d}");
+        assert_eq!(d["statistics"]["conversationCount"], per_character as u64);
+        assert_eq!(d["statistics"]["messageCount"], 4 * per_character as u64);
+    }
+}

@@ -7,6 +7,7 @@ use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS}
 use crate::model::{Character, Conversation, StoredMessage};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
 /// id → Conversation.
@@ -36,6 +37,28 @@ pub struct CharacterStats {
     pub message_count: u64,
     pub memory_count: u64,
     pub last_used_ms: Option<i64>,
+}
+
+/// One conversation change: the new record, the record it replaces (None for a new
+/// conversation), new or changed messages, removed seqs, and new turns for usageCount.
+#[derive(Debug, Clone)]
+pub struct ConversationChange {
+    pub conversation: Conversation,
+    pub previous: Option<Conversation>,
+    pub upserts: Vec<StoredMessage>,
+    pub removed: Vec<u64>,
+    pub usage_delta: u64,
+}
+
+/// A change waiting for a group commit, with its parsed keys.
+pub(crate) struct Queued {
+    cid: u128,
+    chid: u128,
+    change: ConversationChange,
+}
+
+fn lost() -> StoreError {
+    StoreError::Task("a commit returned no result".into())
 }
 
 /// A conversation and its whole history, as cached.
@@ -96,81 +119,159 @@ impl Store {
     }
 
     /// Writes a conversation record plus new or changed messages, and removes `removed`
-    /// seqs, in one durable transaction. `previous` is the record being replaced (None for a
-    /// new conversation). `usage_delta` counts new turns for the character's usageCount.
+    /// seqs, durably. Concurrent saves share one transaction and one fsync (group commit); each
+    /// still succeeds or fails on its own.
     pub fn save_conversation(
         &self,
-        conversation: &Conversation,
-        previous: Option<&Conversation>,
-        upserts: &[StoredMessage],
-        removed: &[u64],
-        usage_delta: u64,
+        change: ConversationChange,
     ) -> Result<Arc<History>, StoreError> {
-        let cid = parse_id(&conversation.id)
+        let cid = parse_id(&change.conversation.id)
             .ok_or_else(|| StoreError::Corrupt("conversation id".into()))?;
-        let chid = parse_id(&conversation.character_id)
-            .ok_or_else(|| StoreError::NotFound(conversation.character_id.clone()))?;
+        let chid = parse_id(&change.conversation.character_id)
+            .ok_or_else(|| StoreError::NotFound(change.conversation.character_id.clone()))?;
+        let queued = Queued { cid, chid, change };
+        self.turns
+            .submit(queued, |batch| self.commit_changes(batch))
+            .unwrap_or_else(|| Err(StoreError::Task("group commit lost a change".into())))
+    }
+
+    /// Commits a batch in one transaction; if that fails as a whole, commits each change on its
+    /// own so one bad change cannot take the others down.
+    fn commit_changes(&self, batch: Vec<Queued>) -> Vec<Result<Arc<History>, StoreError>> {
+        if batch.len() > 1 {
+            if let Ok(results) = self.commit_together(&batch) {
+                return results;
+            }
+        }
+        batch
+            .iter()
+            .map(|q| {
+                self.commit_together(std::slice::from_ref(q))
+                    .and_then(|mut r| r.pop().unwrap_or_else(|| Err(lost())))
+            })
+            .collect()
+    }
+
+    /// One durable transaction for all of `batch`. The outer error fails the whole batch
+    /// (nothing was committed); inner errors are changes refused on their own (their character
+    /// is gone) while the rest committed.
+    #[allow(clippy::type_complexity)]
+    fn commit_together(
+        &self,
+        batch: &[Queued],
+    ) -> Result<Vec<Result<Arc<History>, StoreError>>, StoreError> {
         let txn = self.write()?;
-        let updated_character;
+        let mut accepted = Vec::with_capacity(batch.len());
+        // Characters and counters touched by several changes are read and written once.
+        let mut characters: HashMap<u128, Character> = HashMap::new();
+        let mut stats: HashMap<u128, CharacterStats> = HashMap::new();
         {
-            // The character must still exist: a conversation never outlives it.
-            let mut chars = txn.open_table(CHARACTERS)?;
-            let mut character: Character = match chars.get(chid)? {
-                Some(raw) => decode_record(raw.value())?,
-                None => return Err(StoreError::NotFound(conversation.character_id.clone())),
-            };
+            let chars = txn.open_table(CHARACTERS)?;
             let mut by_user = txn.open_table(CONV_BY_USER)?;
-            if let Some(prev) = previous {
-                by_user.remove((prev.user_id.as_str(), chid, ms(&prev.last_activity), cid))?;
-            }
-            by_user.insert(
-                (
-                    conversation.user_id.as_str(),
-                    chid,
-                    ms(&conversation.last_activity),
-                    cid,
-                ),
-                (),
-            )?;
-            txn.open_table(CONV_BY_CHARACTER)?.insert((chid, cid), ())?;
-            txn.open_table(CONVERSATIONS)?
-                .insert(cid, encode_record(conversation)?.as_slice())?;
+            let mut by_character = txn.open_table(CONV_BY_CHARACTER)?;
+            let mut convs = txn.open_table(CONVERSATIONS)?;
             let mut msgs = txn.open_table(MESSAGES)?;
-            let mut new_messages = 0u64;
-            for m in upserts {
-                let existed = msgs
-                    .insert((cid, m.seq), encode_record(m)?.as_slice())?
-                    .is_some();
-                new_messages += u64::from(!existed);
+            let stats_table = txn.open_table(CHARACTER_STATS)?;
+            for q in batch {
+                let Queued { cid, chid, change } = q;
+                let (cid, chid) = (*cid, *chid);
+                // The character must still exist: a conversation never outlives it.
+                if chars.get(chid)?.is_none() {
+                    accepted.push(false);
+                    continue;
+                }
+                accepted.push(true);
+                let conversation = &change.conversation;
+                if let Some(prev) = &change.previous {
+                    by_user.remove((prev.user_id.as_str(), chid, ms(&prev.last_activity), cid))?;
+                }
+                by_user.insert(
+                    (
+                        conversation.user_id.as_str(),
+                        chid,
+                        ms(&conversation.last_activity),
+                        cid,
+                    ),
+                    (),
+                )?;
+                by_character.insert((chid, cid), ())?;
+                convs.insert(cid, encode_record(conversation)?.as_slice())?;
+                let mut new_messages = 0u64;
+                for m in &change.upserts {
+                    let existed = msgs
+                        .insert((cid, m.seq), encode_record(m)?.as_slice())?
+                        .is_some();
+                    new_messages += u64::from(!existed);
+                }
+                let mut removed_count = 0u64;
+                for seq in &change.removed {
+                    removed_count += u64::from(msgs.remove((cid, *seq))?.is_some());
+                }
+                let s = match stats.entry(chid) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(match stats_table.get(chid)? {
+                        Some(raw) => decode_record(raw.value())?,
+                        None => CharacterStats::default(),
+                    }),
+                };
+                s.conversation_count += u64::from(change.previous.is_none());
+                s.message_count = (s.message_count + new_messages).saturating_sub(removed_count);
+                s.last_used_ms = Some(ms(&conversation.last_activity));
+                if change.usage_delta > 0 {
+                    let c = match characters.entry(chid) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => match chars.get(chid)? {
+                            Some(raw) => e.insert(decode_record(raw.value())?),
+                            None => return Err(StoreError::NotFound(conversation.id.clone())),
+                        },
+                    };
+                    c.usage_count += change.usage_delta;
+                }
             }
-            let mut removed_count = 0u64;
-            for seq in removed {
-                removed_count += u64::from(msgs.remove((cid, *seq))?.is_some());
-            }
+        }
+        {
             let mut stats_table = txn.open_table(CHARACTER_STATS)?;
-            let mut stats: CharacterStats = match stats_table.get(chid)? {
-                Some(raw) => decode_record(raw.value())?,
-                None => CharacterStats::default(),
-            };
-            stats.conversation_count += u64::from(previous.is_none());
-            stats.message_count =
-                (stats.message_count + new_messages).saturating_sub(removed_count);
-            stats.last_used_ms = Some(ms(&conversation.last_activity));
-            stats_table.insert(chid, encode_record(&stats)?.as_slice())?;
-            if usage_delta > 0 {
-                character.usage_count += usage_delta;
-                super::characters::rewrite_summary(&txn, chid, &character)?;
-                chars.insert(chid, encode_record(&character)?.as_slice())?;
-                updated_character = Some(character);
-            } else {
-                updated_character = None;
+            for (chid, s) in &stats {
+                stats_table.insert(*chid, encode_record(s)?.as_slice())?;
+            }
+            let mut chars = txn.open_table(CHARACTERS)?;
+            for (chid, c) in &characters {
+                super::characters::rewrite_summary(&txn, *chid, c)?;
+                chars.insert(*chid, encode_record(c)?.as_slice())?;
             }
         }
         txn.commit()?;
-        if let Some(c) = updated_character {
+        for (chid, c) in characters {
             self.cache.insert(chid, Cached::Live(Arc::new(c)));
         }
-        // Rebuild the cached history from the previous one plus the changes.
+        Ok(batch
+            .iter()
+            .zip(accepted)
+            .map(|(q, ok)| {
+                if ok {
+                    self.cached_history_after(q.cid, &q.change)
+                } else {
+                    Err(StoreError::NotFound(
+                        q.change.conversation.character_id.clone(),
+                    ))
+                }
+            })
+            .collect())
+    }
+
+    /// Replaces the cached history of a committed change: the previous one plus the changes.
+    fn cached_history_after(
+        &self,
+        cid: u128,
+        change: &ConversationChange,
+    ) -> Result<Arc<History>, StoreError> {
+        let ConversationChange {
+            conversation,
+            previous,
+            upserts,
+            removed,
+            ..
+        } = change;
         let mut messages = match self.histories.get(&cid) {
             Some(h) => h.messages.clone(),
             None => Vec::new(),
@@ -290,12 +391,21 @@ impl Store {
 
     /// Per-character counters.
     pub fn character_stats(&self, character: u128) -> Result<CharacterStats, StoreError> {
+        // Read before the transaction: the snapshot is then at least this generation.
+        let generation = self.generation();
+        if let Some((at, stats)) = self.stats.get(&character) {
+            if at == generation {
+                return Ok(stats);
+            }
+        }
         let txn = self.db.begin_read()?;
         let t = txn.open_table(CHARACTER_STATS)?;
-        match t.get(character)? {
-            Some(raw) => decode_record(raw.value()),
-            None => Ok(CharacterStats::default()),
-        }
+        let stats = match t.get(character)? {
+            Some(raw) => decode_record(raw.value())?,
+            None => CharacterStats::default(),
+        };
+        self.stats.insert(character, (generation, stats.clone()));
+        Ok(stats)
     }
 
     /// A stored idempotent response.

@@ -5,7 +5,7 @@
 use super::conversations::{CharacterStats, CHARACTER_STATS};
 use super::{decode_record, encode_record, Store, StoreError};
 use crate::memory::types::{ConversationMemory, SummaryState};
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 /// (character, scope user — `""` for character scope, id) → ConversationMemory.
 pub(crate) const MEMORY: TableDefinition<(u128, &str, u128), &[u8]> =
@@ -23,10 +23,8 @@ pub(crate) const MEMORY_VECTORS: TableDefinition<(u128, &str, u128), &[u8]> =
 pub const SHARED_MEMORY: &str = "";
 
 impl Store {
-    fn memory_txn(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        Ok(txn)
+    fn memory_txn(&self) -> Result<super::Write, StoreError> {
+        self.write()
     }
 
     /// Inserts new memory entries of one (character, scope user) and counts them in the

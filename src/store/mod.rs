@@ -8,6 +8,7 @@
 mod backup;
 mod characters;
 mod conversations;
+mod group_commit;
 mod memory;
 mod plugins;
 mod summary;
@@ -16,7 +17,9 @@ pub use backup::{check_backup, snapshot_file};
 pub use characters::{
     parse_id, AvatarChange, CharacterQuery, CharacterSort, RelatedCandidate, Scope, StoredAvatar,
 };
-pub use conversations::{CharacterStats, ConversationPage, History, IdempotentRecord};
+pub use conversations::{
+    CharacterStats, ConversationChange, ConversationPage, History, IdempotentRecord,
+};
 pub use memory::SHARED_MEMORY;
 pub use plugins::PluginBindingRecord;
 pub use summary::Summary;
@@ -129,6 +132,14 @@ pub struct StoreInner {
     summaries: Cache<RowsKey, Arc<SummaryRows>>,
     /// Bumped after every commit that may change summaries (see [`Write`]).
     generation: Arc<AtomicU64>,
+    /// Per-character statistics as of a store generation, so reading a character's detail
+    /// does not open a read transaction while nothing is written.
+    stats: Cache<u128, (u64, conversations::CharacterStats)>,
+    /// Conversation saves waiting to share a durable commit.
+    turns: group_commit::GroupCommit<
+        conversations::Queued,
+        Result<Arc<conversations::History>, StoreError>,
+    >,
 }
 
 /// Which summary table a cached row list mirrors.
@@ -208,6 +219,8 @@ impl Store {
                 })
                 .build(),
             generation: Arc::default(),
+            stats: Cache::builder().max_capacity(cache_capacity).build(),
+            turns: Default::default(),
         }));
         store.init_schema()?;
         Ok(store)
