@@ -1138,6 +1138,9 @@ impl InteractService {
             let _ = tx.send(event).await;
             return;
         }
+        let started = tokio::time::Instant::now();
+        // The user message commits while the upstream opens and produces its first event; that
+        // event is held until the commit is done, so nothing reaches the client before it.
         let (saved, opened) = tokio::join!(
             async {
                 if p.pending.is_empty() {
@@ -1146,27 +1149,38 @@ impl InteractService {
                     self.save_pending(&p).await.map(Some)
                 }
             },
-            p.upstream.stream(&p.request)
+            async {
+                let mut upstream = p.upstream.stream(&p.request).await?;
+                let first = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => None,
+                    _ = tx.closed() => None,
+                    next = upstream.next() => Some(next),
+                };
+                Ok::<_, crate::upstream::UpstreamError>((upstream, first))
+            }
         );
         if let Err(e) = saved {
             let _ = tx.send(GenEvent::Error(e)).await;
             return;
         }
-        let mut upstream = match opened {
+        let (mut upstream, mut first) = match opened {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(GenEvent::Error(upstream_error(e))).await;
                 return;
             }
         };
-        let started = tokio::time::Instant::now();
         let mut partial = String::new();
         let outcome: Result<Generated, (String, Option<ApiError>)> = loop {
-            let next = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
-                _ = tx.closed() => break Err(("cancelled".into(), None)),
-                next = upstream.next() => next,
+            let next = match first.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
+                    _ = tx.closed() => break Err(("cancelled".into(), None)),
+                    next = upstream.next() => next,
+                },
             };
             match next {
                 Some(Ok(crate::upstream::StreamEvent::Delta(d))) => {
