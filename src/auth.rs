@@ -51,7 +51,13 @@ pub struct Authenticator {
     /// Present only for HS* algorithms: `taproom token` signs with it.
     encoding: Option<EncodingKey>,
     validation: Validation,
+    /// Tokens verified before, with their `exp`: a client sends the same token on every
+    /// request, and checking a signature (an RSA one especially) costs far more than a lookup.
+    verified: moka::sync::Cache<Box<str>, (User, u64)>,
 }
+
+/// How many distinct verified tokens are remembered.
+const VERIFIED_TOKENS: u64 = 10_000;
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -136,11 +142,30 @@ impl Authenticator {
             keys,
             encoding,
             validation,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_TOKENS)
+                // Bounded so a token is re-checked now and then even while in constant use.
+                .time_to_live(Duration::from_secs(600))
+                .build(),
         })
     }
 
     /// Verifies a bearer token; the error says what was wrong with it.
     pub fn verify(&self, token: &str) -> Result<User, String> {
+        if let Some((user, exp)) = self.verified.get(token) {
+            // The same expiry rule as a full check: expired once exp + leeway has passed.
+            if jsonwebtoken::get_current_timestamp() <= exp.saturating_add(self.validation.leeway) {
+                return Ok(user);
+            }
+            self.verified.invalidate(token);
+        }
+        let (user, exp) = self.verify_signed(token)?;
+        self.verified.insert(token.into(), (user.clone(), exp));
+        Ok(user)
+    }
+
+    /// The full check of a token's header, signature and claims.
+    fn verify_signed(&self, token: &str) -> Result<(User, u64), String> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| "malformed token: not a JWT with a supported algorithm".to_string())?;
         if header.alg != self.algorithm {
@@ -178,11 +203,12 @@ impl Authenticator {
         if claims.sub.trim().is_empty() {
             return Err("token sub claim is empty".into());
         }
-        Ok(User {
+        let user = User {
             admin: claims.role.as_deref() == Some("admin"),
             id: claims.sub,
             name: claims.name,
-        })
+        };
+        Ok((user, claims.exp))
     }
 
     /// Signs a token for `sub` (HS algorithms only: asymmetric setups mint elsewhere).
@@ -282,6 +308,22 @@ mod tests {
         let u = a.verify(&t).unwrap();
         assert_eq!(u.id, "alice");
         assert!(u.admin);
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let cfg = AuthConfig {
+            jwt_secret: "0123456789abcdef0123".into(),
+            leeway_secs: 0,
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+        let t = a.mint("alice", false, Duration::from_secs(1)).unwrap();
+        assert_eq!(a.verify(&t).unwrap().id, "alice");
+        assert_eq!(a.verify(&t).unwrap().id, "alice", "from the cache");
+        std::thread::sleep(Duration::from_millis(2100));
+        let err = a.verify(&t).unwrap_err();
+        assert!(err.contains("expired"), "{err}");
     }
 
     #[test]
