@@ -19,6 +19,7 @@
 # Knobs: ROUNDS=3 LAT_SECS=10 (sequential, fixed rate) CLOSED_SECS=5 (c=32) RATE=50 CONC=32
 #        N_STREAMS=1000 CHUNKS=100 CHUNK_DELAY_MS=20 STREAM_SECS=15 STREAM_ROUNDS=2
 #        CASES="overhead streams" (either or both)
+#        TARGETS="direct char interact" (the overhead targets; default all, LiteLLM when installed)
 #        QUIET_CORES=0.25 QUIET_WAIT=180 ATTEMPTS=3: the machine is shared; before each case wait
 #        (QUIET_WAIT s at most) until other processes use under QUIET_CORES, and measure a case
 #        again (ATTEMPTS in all) when they used more during it.
@@ -163,8 +164,12 @@ fi
 pause_litellm()  { [[ -z $LL_PID ]] || kill -STOP -- "-$LL_PID"; }
 resume_litellm() { [[ -z $LL_PID ]] || kill -CONT -- "-$LL_PID"; }
 
-TARGETS=(direct floor taproom taproom_id char interact)
-[[ -n $LL_PID ]] && TARGETS+=(litellm)
+if [[ -n ${TARGETS:-} ]]; then
+  read -ra TARGETS <<<"$TARGETS"
+else
+  TARGETS=(direct floor taproom taproom_id char interact)
+  [[ -n $LL_PID ]] && TARGETS+=(litellm)
+fi
 
 # One request of each kind by hand: every target must answer 200 with the expected shape.
 for t in "${TARGETS[@]}"; do
