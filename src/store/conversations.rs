@@ -132,7 +132,7 @@ impl Store {
         let queued = Queued { cid, chid, change };
         self.turns
             .submit(queued, |batch| self.commit_changes(batch))
-            .unwrap_or_else(|| Err(StoreError::Task("group commit lost a change".into())))
+            .unwrap_or_else(|| Err(lost()))
     }
 
     /// Commits a batch in one transaction; if that fails as a whole, commits each change on its
@@ -166,12 +166,12 @@ impl Store {
         let mut characters: HashMap<u128, Character> = HashMap::new();
         let mut stats: HashMap<u128, CharacterStats> = HashMap::new();
         {
-            let chars = txn.open_table(CHARACTERS)?;
+            let mut chars = txn.open_table(CHARACTERS)?;
             let mut by_user = txn.open_table(CONV_BY_USER)?;
             let mut by_character = txn.open_table(CONV_BY_CHARACTER)?;
             let mut convs = txn.open_table(CONVERSATIONS)?;
             let mut msgs = txn.open_table(MESSAGES)?;
-            let stats_table = txn.open_table(CHARACTER_STATS)?;
+            let mut stats_table = txn.open_table(CHARACTER_STATS)?;
             for q in batch {
                 let Queued { cid, chid, change } = q;
                 let (cid, chid) = (*cid, *chid);
@@ -228,13 +228,9 @@ impl Store {
                     c.usage_count += change.usage_delta;
                 }
             }
-        }
-        {
-            let mut stats_table = txn.open_table(CHARACTER_STATS)?;
             for (chid, s) in &stats {
                 stats_table.insert(*chid, encode_record(s)?.as_slice())?;
             }
-            let mut chars = txn.open_table(CHARACTERS)?;
             for (chid, c) in &characters {
                 super::characters::rewrite_summary(&txn, *chid, c)?;
                 chars.insert(*chid, encode_record(c)?.as_slice())?;
