@@ -62,6 +62,15 @@ async fn interact(s: &TestServer, t: &str, char_id: &str, body: Value) -> (u16, 
     (status, r.json().await.unwrap())
 }
 
+/// The stored conversation `cid` as its owner `t` reads it.
+async fn conversation(s: &TestServer, t: &str, cid: &str) -> Value {
+    s.get(&format!("/api/conversations/{cid}"), Some(t))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 fn sent_messages(fake: &FakeUpstream) -> Vec<(String, String)> {
     let body = fake.last_body().expect("upstream was called");
     body["messages"]
@@ -306,12 +315,7 @@ async fn greetings_regenerate_and_swipes() {
     )
     .await;
     let cid = v["conversationId"].as_str().unwrap().to_string();
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, &cid).await;
     let msgs = conv["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 3);
     assert_eq!(msgs[0]["content"], "Back again, Ann?");
@@ -379,12 +383,7 @@ async fn greetings_regenerate_and_swipes() {
         .await;
     let m: Value = r.json().await.unwrap();
     assert_eq!(m["content"], "edited");
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, &cid).await;
     assert_eq!(conv["messages"][2]["content"], "edited");
     assert_eq!(conv["messages"][2]["metadata"]["swipes"][0], "edited");
     let r = s
@@ -394,12 +393,7 @@ async fn greetings_regenerate_and_swipes() {
         )
         .await;
     assert_eq!(r.status(), 204);
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, &cid).await;
     assert_eq!(conv["messages"].as_array().unwrap().len(), 2);
     // Now the last message is the user's: regenerate refuses.
     let r = s
@@ -441,12 +435,7 @@ async fn idempotency_key_returns_the_first_result() {
     let r = send(json!({"message": "something else"})).await.unwrap();
     expect_error(r, 409, "VERSION_CONFLICT").await;
     let cid = first["conversationId"].as_str().unwrap();
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, cid).await;
     assert_eq!(conv["messageCount"], 2, "one user message and one reply");
 }
 
@@ -548,12 +537,7 @@ async fn upstream_failure_keeps_a_consistent_conversation() {
     .await;
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["code"], "ST_API_AUTH_FAILED");
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, &cid).await;
     let contents: Vec<&str> = conv["messages"]
         .as_array()
         .unwrap()
@@ -643,12 +627,7 @@ async fn sse_streams_chunks_then_done_and_stores_the_reply() {
     assert_eq!(chunks.concat(), "echo: stream me please");
     assert_eq!(done["response"]["content"], chunks.concat());
     let cid = done["conversationId"].as_str().unwrap();
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, cid).await;
     assert_eq!(
         conv["messages"].as_array().unwrap().last().unwrap()["content"],
         chunks.concat()
@@ -694,12 +673,7 @@ async fn sse_stream_cut_sends_an_error_and_keeps_the_partial_reply() {
         .await
         .unwrap();
     let cid = list["conversations"][0]["id"].as_str().unwrap();
-    let conv: Value = s
-        .get(&format!("/api/conversations/{cid}"), Some(&t))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let conv = conversation(&s, &t, cid).await;
     let last = conv["messages"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["content"], partial);
     assert_eq!(last["metadata"]["finishReason"], "error");
@@ -1073,12 +1047,7 @@ async fn concurrent_turns_share_commits_and_every_count_is_exact() {
     }))
     .await;
     for (i, _, cid) in &first {
-        let v: Value = s
-            .get(&format!("/api/conversations/{cid}"), Some(&t))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let v = conversation(&s, &t, cid).await;
         let texts: Vec<&str> = v["messages"]
             .as_array()
             .unwrap()
