@@ -29,6 +29,11 @@
 //! - `cards`: SillyTavern card import/export (PNG tEXt chunks, JSON V1/V2/V3, CharX, lorebooks). Pure.
 //! - `plugins`: per-character behaviour plugins as sandboxed wasmtime components. The only module that knows wasmtime.
 
+/// mimalloc for every binary that links Taproom (the server, its tests and benchmarks alike):
+/// requests allocate on one worker thread and free on another, which glibc's arenas serialise.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod auth;
 pub mod cards;
 pub mod characters;
