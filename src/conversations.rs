@@ -186,17 +186,16 @@ impl ConversationService {
         removed: Vec<u64>,
         usage_delta: u64,
     ) -> Result<Arc<History>, ApiError> {
-        let store = self.store.clone();
-        Ok(blocking(move || {
-            store.save_conversation(store::ConversationChange {
+        Ok(self
+            .store
+            .save_conversation(store::ConversationChange {
                 conversation,
                 previous,
                 upserts,
                 removed,
                 usage_delta,
             })
-        })
-        .await?)
+            .await?)
     }
 
     /// The caller's conversations with a character, newest activity first.

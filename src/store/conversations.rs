@@ -58,7 +58,7 @@ pub(crate) struct Queued {
 }
 
 fn lost() -> StoreError {
-    StoreError::Task("a commit returned no result".into())
+    StoreError::Task("the commit of this change did not finish".into())
 }
 
 /// A conversation and its whole history, as cached.
@@ -120,8 +120,9 @@ impl Store {
 
     /// Writes a conversation record plus new or changed messages, and removes `removed`
     /// seqs, durably. Concurrent saves share one transaction and one fsync (group commit); each
-    /// still succeeds or fails on its own.
-    pub fn save_conversation(
+    /// still succeeds or fails on its own. Waiting takes no thread: one blocking thread commits
+    /// for everyone.
+    pub async fn save_conversation(
         &self,
         change: ConversationChange,
     ) -> Result<Arc<History>, StoreError> {
@@ -129,10 +130,15 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt("conversation id".into()))?;
         let chid = parse_id(&change.conversation.character_id)
             .ok_or_else(|| StoreError::NotFound(change.conversation.character_id.clone()))?;
-        let queued = Queued { cid, chid, change };
-        self.turns
-            .submit(queued, |batch| self.commit_changes(batch))
-            .unwrap_or_else(|| Err(lost()))
+        let (done, committer) = self.turns.enqueue(Queued { cid, chid, change });
+        if let Some(committer) = committer {
+            let store = self.clone();
+            // If the runtime refuses the task, the committer is dropped and fails the queue.
+            drop(tokio::task::spawn_blocking(move || {
+                committer.run(|batch| store.commit_changes(batch))
+            }));
+        }
+        done.await.unwrap_or_else(|_| Err(lost()))
     }
 
     /// Commits a batch in one transaction; if that fails as a whole, commits each change on its

@@ -1,22 +1,31 @@
-//! Group commit: writers that arrive while a durable commit is in progress wait for it, then the
-//! next of them commits everyone's changes in one transaction. A lone writer commits at once (no
-//! timer, no extra latency); under load one fsync covers many writers, which is what lifts the
-//! single-writer ceiling of redb (about one durable commit per millisecond here).
+//! Group commit: writers queue their changes and wait asynchronously; one committer on a
+//! blocking thread commits whatever is queued in one transaction, then the next batch, until the
+//! queue is empty. A lone writer is committed at once (no timer, no extra latency); under load
+//! one fsync covers many writers, which lifts the single-writer ceiling of redb (about one
+//! durable commit per millisecond here). Waiting writers hold no thread: with 1,000 concurrent
+//! turns a thread per waiter grew the blocking pool to its 512-thread limit.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
 
-/// A queue of changes and the lock held by whoever is committing them.
+/// The queue and whether a committer is running.
+struct Queue<C, R> {
+    pending: Vec<(C, oneshot::Sender<R>)>,
+    committing: bool,
+}
+
+/// Changes waiting for the committer.
 pub(crate) struct GroupCommit<C, R> {
-    pending: Mutex<Vec<(C, SyncSender<R>)>>,
-    leader: Mutex<()>,
+    queue: Mutex<Queue<C, R>>,
 }
 
 impl<C, R> Default for GroupCommit<C, R> {
     fn default() -> Self {
         Self {
-            pending: Mutex::new(Vec::new()),
-            leader: Mutex::new(()),
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                committing: false,
+            }),
         }
     }
 }
@@ -26,27 +35,67 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Handed to the caller that must start the committer: run [`Committer::run`] on a blocking
+/// thread. Dropped without running (a panic, a runtime shutting down), it fails every queued
+/// change instead of leaving its writer waiting forever.
+pub(crate) struct Committer<C, R> {
+    group: Arc<GroupCommit<C, R>>,
+}
+
 impl<C, R> GroupCommit<C, R> {
-    /// Queues `change` and blocks until a commit that includes it has finished. `commit` gets
-    /// a batch in arrival order and must return one result per change, in the same order; it
-    /// runs on the calling thread when this caller becomes the leader. `None` only if `commit`
-    /// returned fewer results than changes.
-    pub(crate) fn submit(&self, change: C, commit: impl FnOnce(Vec<C>) -> Vec<R>) -> Option<R> {
-        let (tx, rx): (SyncSender<R>, Receiver<R>) = sync_channel(1);
-        lock(&self.pending).push((change, tx));
-        let _leader = lock(&self.leader);
-        // A previous leader may have committed this change while we waited for the lock.
-        if let Ok(done) = rx.try_recv() {
-            return Some(done);
+    /// Queues `change`. The receiver gets its result once a commit including it has finished
+    /// (or is closed if that commit panicked). When no committer is running, the caller gets
+    /// the job of starting one.
+    pub(crate) fn enqueue(
+        self: &Arc<Self>,
+        change: C,
+    ) -> (oneshot::Receiver<R>, Option<Committer<C, R>>) {
+        let (tx, rx) = oneshot::channel();
+        let mut q = lock(&self.queue);
+        q.pending.push((change, tx));
+        let start = !q.committing;
+        q.committing = true;
+        (
+            rx,
+            start.then(|| Committer {
+                group: self.clone(),
+            }),
+        )
+    }
+}
+
+impl<C, R> Committer<C, R> {
+    /// Commits batches in arrival order until the queue is empty. `commit` must return one
+    /// result per change, in order; a change left without a result sees its receiver closed.
+    pub(crate) fn run(self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
+        loop {
+            let batch = {
+                let mut q = lock(&self.group.queue);
+                if q.pending.is_empty() {
+                    q.committing = false;
+                    // `self` is dropped below with nothing left to fail.
+                    break;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
+            for (result, sender) in commit(changes).into_iter().zip(senders) {
+                // The writer may have gone away (its request was cancelled); the change is
+                // committed all the same.
+                let _ = sender.send(result);
+            }
         }
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        let (changes, senders): (Vec<C>, Vec<SyncSender<R>>) = batch.into_iter().unzip();
-        for (result, sender) in commit(changes).into_iter().zip(senders) {
-            // Each sender has room for exactly its one result; the receiver may be gone only
-            // if its thread died, and then nobody is waiting for the answer.
-            let _ = sender.try_send(result);
+    }
+}
+
+impl<C, R> Drop for Committer<C, R> {
+    fn drop(&mut self) {
+        let mut q = lock(&self.group.queue);
+        if q.committing {
+            // Not a clean exit from `run`: close every waiter so it reports an error.
+            q.pending.clear();
+            q.committing = false;
         }
-        rx.try_recv().ok()
     }
 }
 
@@ -54,44 +103,86 @@ impl<C, R> GroupCommit<C, R> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
 
-    #[test]
-    fn a_lone_writer_commits_its_own_change() {
-        let g = GroupCommit::<u32, u32>::default();
-        let r = g.submit(7, |batch| batch.iter().map(|x| x * 2).collect());
-        assert_eq!(r, Some(14));
+    /// Commits running right now, and the most seen at once.
+    static RUNNING: AtomicUsize = AtomicUsize::new(0);
+    static MOST_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+    /// What the store does: whoever is told to, runs the committer on a blocking thread.
+    async fn submit(
+        g: &Arc<GroupCommit<usize, usize>>,
+        change: usize,
+        commits: &Arc<AtomicUsize>,
+    ) -> Option<usize> {
+        let (rx, committer) = g.enqueue(change);
+        if let Some(committer) = committer {
+            let commits = commits.clone();
+            tokio::task::spawn_blocking(move || {
+                committer.run(|batch| {
+                    commits.fetch_add(1, Ordering::SeqCst);
+                    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+                    MOST_RUNNING.fetch_max(now, Ordering::SeqCst);
+                    // A slow "fsync" so that others queue up behind it.
+                    std::thread::sleep(Duration::from_millis(20));
+                    RUNNING.fetch_sub(1, Ordering::SeqCst);
+                    batch.iter().map(|x| x + 1000).collect()
+                })
+            });
+        }
+        rx.await.ok()
     }
 
-    #[test]
-    fn concurrent_writers_share_commits_and_each_gets_its_own_result() {
+    #[tokio::test]
+    async fn a_lone_writer_commits_its_own_change() {
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let (rx, committer) = g.enqueue(7);
+        committer
+            .expect("the first writer starts the committer")
+            .run(|batch| batch.iter().map(|x| x * 2).collect());
+        assert_eq!(rx.await.ok(), Some(14));
+        let (_rx, committer) = g.enqueue(8);
+        assert!(committer.is_some(), "an idle queue starts a new committer");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_commits_and_each_gets_its_own_result() {
         let g = Arc::new(GroupCommit::<usize, usize>::default());
         let commits = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..32)
+        let tasks: Vec<_> = (0..32)
             .map(|i| {
-                let g = g.clone();
-                let commits = commits.clone();
-                std::thread::spawn(move || {
-                    g.submit(i, |batch| {
-                        commits.fetch_add(1, Ordering::SeqCst);
-                        // A slow "fsync" so the others queue up behind it.
-                        std::thread::sleep(Duration::from_millis(20));
-                        batch.iter().map(|x| x + 1000).collect()
-                    })
-                })
+                let (g, commits) = (g.clone(), commits.clone());
+                tokio::spawn(async move { submit(&g, i, &commits).await })
             })
             .collect();
-        for (i, t) in threads.into_iter().enumerate() {
-            assert_eq!(t.join().ok().flatten(), Some(i + 1000));
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.ok().flatten(), Some(i + 1000));
         }
         let n = commits.load(Ordering::SeqCst);
         assert!(n < 32, "32 writers behind a slow commit took {n} commits");
+        // Waiters hold no thread: one committer at a time drains the queue.
+        assert_eq!(MOST_RUNNING.load(Ordering::SeqCst), 1);
     }
 
-    #[test]
-    fn a_short_result_list_is_reported_not_hung() {
-        let g = GroupCommit::<u32, u32>::default();
-        assert_eq!(g.submit(1, |_| Vec::new()), None);
+    #[tokio::test]
+    async fn a_short_result_list_closes_the_waiter_instead_of_hanging() {
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let (rx, committer) = g.enqueue(1);
+        committer.expect("committer").run(|_| Vec::new());
+        assert!(rx.await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_committer_dropped_unrun_fails_its_waiters_and_frees_the_queue() {
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let (rx1, committer) = g.enqueue(1);
+        let (rx2, none) = g.enqueue(2);
+        assert!(none.is_none(), "one committer at a time");
+        drop(committer);
+        assert!(rx1.await.is_err());
+        assert!(rx2.await.is_err());
+        let (rx3, committer) = g.enqueue(3);
+        committer.expect("a new committer").run(|b| b);
+        assert_eq!(rx3.await.ok(), Some(3));
     }
 }

@@ -136,9 +136,11 @@ pub struct StoreInner {
     /// does not open a read transaction while nothing is written.
     stats: Cache<u128, (u64, conversations::CharacterStats)>,
     /// Conversation saves waiting to share a durable commit.
-    turns: group_commit::GroupCommit<
-        conversations::Queued,
-        Result<Arc<conversations::History>, StoreError>,
+    turns: Arc<
+        group_commit::GroupCommit<
+            conversations::Queued,
+            Result<Arc<conversations::History>, StoreError>,
+        >,
     >,
 }
 
