@@ -40,6 +40,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// change instead of leaving its writer waiting forever.
 pub(crate) struct Committer<C, R> {
     group: Arc<GroupCommit<C, R>>,
+    /// Set by `run`, under the queue lock, when it leaves an empty queue behind; from then on
+    /// the queue may already belong to the next committer.
+    finished: bool,
 }
 
 impl<C, R> GroupCommit<C, R> {
@@ -59,6 +62,7 @@ impl<C, R> GroupCommit<C, R> {
             rx,
             start.then(|| Committer {
                 group: self.clone(),
+                finished: false,
             }),
         )
     }
@@ -67,13 +71,13 @@ impl<C, R> GroupCommit<C, R> {
 impl<C, R> Committer<C, R> {
     /// Commits batches in arrival order until the queue is empty. `commit` must return one
     /// result per change, in order; a change left without a result sees its receiver closed.
-    pub(crate) fn run(self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
+    pub(crate) fn run(mut self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
         loop {
             let batch = {
                 let mut q = lock(&self.group.queue);
                 if q.pending.is_empty() {
                     q.committing = false;
-                    // `self` is dropped below with nothing left to fail.
+                    self.finished = true;
                     break;
                 }
                 std::mem::take(&mut q.pending)
@@ -90,12 +94,14 @@ impl<C, R> Committer<C, R> {
 
 impl<C, R> Drop for Committer<C, R> {
     fn drop(&mut self) {
-        let mut q = lock(&self.group.queue);
-        if q.committing {
-            // Not a clean exit from `run`: close every waiter so it reports an error.
-            q.pending.clear();
-            q.committing = false;
+        if self.finished {
+            return;
         }
+        // Not a clean exit from `run`, so this is still the running committer: close every
+        // waiter so it reports an error, and let the next writer start a new committer.
+        let mut q = lock(&self.group.queue);
+        q.pending.clear();
+        q.committing = false;
     }
 }
 
@@ -184,5 +190,32 @@ mod tests {
         let (rx3, committer) = g.enqueue(3);
         committer.expect("a new committer").run(|b| b);
         assert_eq!(rx3.await.ok(), Some(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finishing_committer_never_fails_the_next_writers() {
+        // Tiny commits, so the queue keeps going idle and a new committer starts while the
+        // previous one is still returning from `run`.
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(async move {
+                    for i in 0..300 {
+                        let (rx, committer) = g.enqueue(i);
+                        if let Some(committer) = committer {
+                            tokio::task::spawn_blocking(move || committer.run(|b| b));
+                        }
+                        if rx.await != Ok(i) {
+                            return false;
+                        }
+                    }
+                    true
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap_or(false), "a change lost its result");
+        }
     }
 }
