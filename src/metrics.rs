@@ -75,6 +75,21 @@ pub struct Snapshot<'a> {
 }
 
 impl Metrics {
+    /// Counts and times one served request.
+    pub fn observe_request(
+        &self,
+        route: &str,
+        method: &str,
+        status: axum::http::StatusCode,
+        elapsed: std::time::Duration,
+    ) {
+        let labels = [route, method, status.as_str()];
+        self.http_requests.with_label_values(&labels).inc();
+        self.http_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// Registers every metric; `db_path` is the redb file whose size is reported.
     pub fn new(db_path: PathBuf) -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("taproom".into()), None)?;
@@ -276,14 +291,9 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         _ => "other",
     };
     let response = next.run(req).await;
-    let status = response.status();
-    let labels = [route.as_str(), method, status.as_str()];
-    state.metrics.http_requests.with_label_values(&labels).inc();
     state
         .metrics
-        .http_duration
-        .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe_request(&route, method, response.status(), started.elapsed());
     response
 }
 

@@ -142,6 +142,7 @@ async fn serve(
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let ready = state.ready.clone();
     let metrics = state.metrics.clone();
+    let fast = Arc::new(http::fast_path::FastPath::new(state.clone()));
     let app = http::router(state);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -164,12 +165,19 @@ async fn serve(
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let watcher = graceful.watcher();
         let app = app.clone();
+        let fast = fast.clone();
         tokio::spawn(async move {
             let _socket = socket;
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                tower::ServiceExt::oneshot(app.clone(), req)
+                let (app, fast) = (app.clone(), fast.clone());
+                async move {
+                    if http::fast_path::FastPath::claims(&req) {
+                        return Ok(fast.serve(req, peer).await);
+                    }
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(app, req).await
+                }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let result = match acceptor {

@@ -5,6 +5,7 @@ pub mod cards;
 pub mod characters;
 pub mod conversations;
 pub mod extract;
+pub mod fast_path;
 pub mod interact;
 pub mod memory;
 pub mod openai;
@@ -29,7 +30,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -135,10 +136,14 @@ pub fn router(state: AppState) -> Router {
     with_layers(api, &config).layer(middleware::from_fn_with_state(state, crate::metrics::track))
 }
 
+/// The compression predicate's type, named so the fast path can hold a compression service.
+pub type Compressible =
+    And<And<And<SizeAbove, NotForContentType>, NotForContentType>, NotForContentType>;
+
 /// What is worth compressing: bodies of at least a kilobyte (a chat completion or an error is
 /// smaller, and compressing it costs more than it saves on the wire), never images, gRPC or
 /// event streams (SSE must flush every event).
-fn compressible() -> impl Predicate {
+pub fn compressible() -> Compressible {
     SizeAbove::new(1024)
         .and(NotForContentType::GRPC)
         .and(NotForContentType::IMAGES)
@@ -195,17 +200,24 @@ pub fn with_layers(api: Router, config: &Config) -> Router {
         .layer(middleware::from_fn(request_id::layer))
 }
 
-fn cors(config: &Config) -> CorsLayer {
+/// The configured CORS origins; `None` when any origin is allowed.
+pub fn cors_origins(config: &Config) -> Option<Vec<HeaderValue>> {
     let origins = &config.http.cors_origins;
-    let allow_origin = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok())
-                .collect::<Vec<_>>(),
-        )
+    if origins.iter().any(|o| o == "*") {
+        return None;
+    }
+    Some(
+        origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect(),
+    )
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let allow_origin = match cors_origins(config) {
+        None => AllowOrigin::any(),
+        Some(list) => AllowOrigin::list(list),
     };
     CorsLayer::new()
         .allow_origin(allow_origin)
@@ -226,7 +238,8 @@ fn cors(config: &Config) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-fn on_panic(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+/// The 500 envelope for a caught panic; the panic message goes to the log only.
+pub fn on_panic(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let what = err
         .downcast_ref::<String>()
         .map(String::as_str)

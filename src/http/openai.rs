@@ -76,6 +76,14 @@ struct ChatRequest {
     stop: Option<Value>,
 }
 
+/// What routes a request: the model, and whether the answer streams.
+#[derive(Debug, Deserialize)]
+struct Target {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+}
+
 /// An error in OpenAI's shape plus the spec's fields.
 fn openai_error(err: &ApiError) -> Response {
     let request_id = super::request_id::current();
@@ -328,9 +336,14 @@ pub async fn chat_completions(
 
 async fn chat(state: &AppState, headers: &HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let user = caller(state, headers)?;
-    let req: ChatRequest = super::extract::parse_json(&body)?;
-    if let Some(rest) = req.model.strip_prefix("char-").map(str::to_string) {
-        return character_chat(state, headers, &user, &rest, req).await;
+    // Only the model and `stream` decide a passthrough, and the body goes upstream unchanged;
+    // the whole request is read only for a character.
+    let req: Target = super::extract::parse_json(&body)?;
+    if let Some(rest) = req.model.strip_prefix("char-") {
+        let full: ChatRequest = super::extract::parse_json(&body)?;
+        // Boxed: the character path's state machine is large, and keeping it out of this
+        // future spares every passthrough request copying it.
+        return Box::pin(character_chat(state, headers, &user, rest, full)).await;
     }
     let cfg = &state.config.openai;
     if !cfg.passthrough

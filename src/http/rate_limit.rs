@@ -135,33 +135,48 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let Some(class) = classify(req.uri().path()) else {
         return next.run(req).await;
     };
-    if !state.limiter.enabled() {
-        return next.run(req).await;
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    match admit(&state, req.headers(), peer, class) {
+        Ok(Some(user)) => {
+            req.extensions_mut().insert(VerifiedUser(user));
+            next.run(req).await
+        }
+        Ok(None) => next.run(req).await,
+        Err(limited) => limited.into_response(),
     }
-    let user = req
-        .headers()
+}
+
+/// Charges the caller of a `class` request (its verified user, else its peer address) one
+/// token. `Ok` carries the user when the bearer token verified; `Err` is the 429 to answer.
+pub fn admit(
+    state: &AppState,
+    headers: &http::HeaderMap,
+    peer: Option<SocketAddr>,
+    class: Class,
+) -> Result<Option<User>, ApiError> {
+    if !state.limiter.enabled() {
+        return Ok(None);
+    }
+    let user = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(super::extract::bearer)
         .and_then(|token| state.auth.verify(token).ok());
-    let caller = match &user {
-        Some(u) => format!("user:{}", u.id),
-        None => match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-            Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
-            None => "ip:unknown".to_owned(),
-        },
+    let caller = match (&user, peer) {
+        (Some(u), _) => format!("user:{}", u.id),
+        (None, Some(addr)) => format!("ip:{}", addr.ip()),
+        (None, None) => "ip:unknown".to_owned(),
     };
-    if let Some(u) = user {
-        req.extensions_mut().insert(VerifiedUser(u));
-    }
     match state.limiter.check(&caller, class, Instant::now()) {
-        Ok(()) => next.run(req).await,
-        Err(wait) => ApiError::new(
+        Ok(()) => Ok(user),
+        Err(wait) => Err(ApiError::new(
             ErrorCode::RateLimited,
             "too many requests; wait for the retry-after seconds and try again",
         )
-        .with_retry_after(wait)
-        .into_response(),
+        .with_retry_after(wait)),
     }
 }
 

@@ -21,6 +21,19 @@ pub fn current() -> String {
     REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
 }
 
+/// Runs `fut` with `id` as the current request id.
+pub async fn scope<F: std::future::Future>(id: String, fut: F) -> F::Output {
+    REQUEST_ID.scope(id, fut).await
+}
+
+/// The client's id when it is usable, else a new one.
+pub fn from_request(headers: &http::HeaderMap) -> String {
+    headers
+        .get(HEADER)
+        .and_then(usable)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
 fn usable(id: &HeaderValue) -> Option<String> {
     let s = id.to_str().ok()?;
     let ok = !s.is_empty()
@@ -32,11 +45,7 @@ fn usable(id: &HeaderValue) -> Option<String> {
 
 /// Middleware: request id, envelope normalisation, 204 preflights.
 pub async fn layer(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(HEADER)
-        .and_then(usable)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let id = from_request(req.headers());
     if let Ok(v) = HeaderValue::from_str(&id) {
         req.headers_mut().insert(HEADER, v);
     }
@@ -55,7 +64,13 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         *response.status_mut() = StatusCode::NO_CONTENT;
         *response.body_mut() = Body::empty();
     }
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    stamp(&mut response, &id, http1);
+    response
+}
+
+/// Echoes the id on a response, and on HTTP/1 tells the client a 413 closes the connection.
+pub fn stamp(response: &mut Response, id: &str, http1: bool) {
+    if let Ok(v) = HeaderValue::from_str(id) {
         response.headers_mut().insert(HEADER, v);
     }
     // A 413 is answered before the body is read; the server then drops the connection, so tell
@@ -65,10 +80,10 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
             .headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    response
 }
 
-fn normalize(response: Response) -> Response {
+/// Turns a bare error response (one a layer or the router produced) into the spec's envelope.
+pub fn normalize(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error())
         || response.extensions().get::<EnvelopeMarker>().is_some()

@@ -582,7 +582,8 @@ impl Upstream {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        Err(self.status_error(resp).await)
+        // Boxed: the error path is rare, and inline it would grow every attempt's future.
+        Err(Box::pin(self.status_error(resp)).await)
     }
 
     async fn check_status_passthrough(
@@ -593,7 +594,8 @@ impl Upstream {
         if s < 400 || (s < 500 && !matches!(s, 401 | 403 | 429)) {
             return Ok(resp);
         }
-        Err(self.status_error(resp).await)
+        // Boxed: the error path is rare, and inline it would grow every attempt's future.
+        Err(Box::pin(self.status_error(resp)).await)
     }
 
     async fn status_error(&self, resp: http::Response<hyper::body::Incoming>) -> UpstreamError {

@@ -1,0 +1,200 @@
+//! `POST /v1/chat/completions` served straight from the connection instead of through the
+//! router. It is the route NextChat calls for every message, and for a passthrough model the
+//! generic stack (axum routing plus ten tower layers, each cloned and boxed per request) cost
+//! more CPU than the proxying itself (docs/BENCHMARKS.md, #9). This does the same work inline,
+//! in the same order: request id, CORS, body limit, rate limit, timeout, panic guard,
+//! compression, access log and metrics. tests/fast_path.rs holds it to the generic stack's
+//! behaviour.
+
+use super::rate_limit::{self, Class};
+use super::{openai, request_id, AppState};
+use crate::config::Config;
+use crate::error::{ApiError, ErrorCode};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Version};
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::{Body as _, Incoming};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower::{Layer, ServiceExt};
+use tower_http::compression::{Compression, CompressionLayer};
+use tracing::Instrument;
+
+/// The one route served here.
+pub const ROUTE: &str = "/v1/chat/completions";
+
+/// The chat-completions route with its layers done inline; built once per server.
+pub struct FastPath {
+    state: AppState,
+    cors: CorsHeaders,
+    compression: Compression<Handler, super::Compressible>,
+    body_limit: usize,
+    timeout: Duration,
+}
+
+impl FastPath {
+    /// Builds the route from the state's config.
+    pub fn new(state: AppState) -> Self {
+        let config = state.config.clone();
+        Self {
+            cors: CorsHeaders::new(&config),
+            compression: CompressionLayer::new()
+                .gzip(true)
+                .br(true)
+                .compress_when(super::compressible())
+                .layer(Handler(state.clone())),
+            body_limit: config.http.body_limit_bytes,
+            timeout: config.request_timeout(),
+            state,
+        }
+    }
+
+    /// Whether `req` is for this route (anything else, preflights included, goes to the router).
+    pub fn claims<B>(req: &Request<B>) -> bool {
+        req.method() == Method::POST && req.uri().path() == ROUTE
+    }
+
+    /// Answers one request the way the router and its layers would.
+    pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response {
+        let started = Instant::now();
+        let id = request_id::from_request(req.headers());
+        let http1 = req.version() <= Version::HTTP_11;
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let span = tracing::info_span!(
+            "request",
+            method = "POST",
+            route = ROUTE,
+            request_id = %id,
+            user = tracing::field::Empty,
+        );
+        let answer = async {
+            let guarded = AssertUnwindSafe(self.respond(req, peer)).catch_unwind();
+            match tokio::time::timeout(self.timeout, guarded).await {
+                Ok(Ok(response)) => request_id::normalize(response),
+                Ok(Err(panic)) => super::on_panic(panic),
+                Err(_) => ApiError::new(
+                    ErrorCode::Timeout,
+                    "the request took longer than the configured timeout",
+                )
+                .into_response(),
+            }
+        };
+        let mut response = request_id::scope(id.clone(), answer)
+            .instrument(span.clone())
+            .await;
+        self.cors.apply(origin.as_ref(), response.headers_mut());
+        request_id::stamp(&mut response, &id, http1);
+        let elapsed = started.elapsed();
+        span.in_scope(|| {
+            tracing::info!(
+                status = response.status().as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "served"
+            )
+        });
+        self.state
+            .metrics
+            .observe_request(ROUTE, "POST", response.status(), elapsed);
+        response
+    }
+
+    /// Body limit, rate limit, then the handler behind compression.
+    async fn respond(&self, req: Request<Incoming>, peer: SocketAddr) -> Response {
+        let (parts, body) = req.into_parts();
+        if body.size_hint().lower() > self.body_limit as u64 {
+            return too_large();
+        }
+        if let Err(limited) =
+            rate_limit::admit(&self.state, &parts.headers, Some(peer), Class::Interact)
+        {
+            return limited.into_response();
+        }
+        let bytes = match Limited::new(body, self.body_limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return too_large(),
+            Err(e) => {
+                return ApiError::validation("body", format!("could not read the body: {e}"))
+                    .into_response()
+            }
+        };
+        match self
+            .compression
+            .clone()
+            .oneshot(Request::from_parts(parts, bytes))
+            .await
+        {
+            Ok(response) => response.map(Body::new),
+            Err(never) => match never {},
+        }
+    }
+}
+
+fn too_large() -> Response {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        "request body is larger than the configured limit",
+    )
+    .into_response()
+}
+
+/// The chat-completions handler as a tower service, so tower-http's compression can wrap it.
+#[derive(Clone)]
+pub struct Handler(AppState);
+
+impl tower::Service<Request<Bytes>> for Handler {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            Ok(openai::chat_completions(State(state), parts.headers, body).await)
+        })
+    }
+}
+
+/// The CORS headers of a non-preflight response, as the router's `CorsLayer` sets them.
+struct CorsHeaders {
+    /// `None` allows any origin.
+    origins: Option<Vec<HeaderValue>>,
+    vary: HeaderValue,
+    expose: HeaderValue,
+}
+
+impl CorsHeaders {
+    fn new(config: &Config) -> Self {
+        Self {
+            origins: super::cors_origins(config),
+            vary: HeaderValue::from_static(
+                "origin, access-control-request-method, access-control-request-headers",
+            ),
+            expose: HeaderValue::from_static(request_id::HEADER),
+        }
+    }
+
+    fn apply(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+        headers.append(header::VARY, self.vary.clone());
+        let allow = match &self.origins {
+            None => Some(HeaderValue::from_static("*")),
+            Some(list) => origin.filter(|o| list.contains(o)).cloned(),
+        };
+        if let Some(v) = allow {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, self.expose.clone());
+    }
+}
