@@ -9,10 +9,10 @@
 use super::rate_limit::{self, Class};
 use super::{openai, request_id, AppState};
 use crate::config::Config;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Version};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Layer, ServiceExt};
-use tower_http::compression::{Compression, CompressionLayer};
+use tower_http::compression::Compression;
 use tracing::Instrument;
 
 /// The one route served here.
@@ -46,11 +46,7 @@ impl FastPath {
         let config = state.config.clone();
         Self {
             cors: CorsHeaders::new(&config),
-            compression: CompressionLayer::new()
-                .gzip(true)
-                .br(true)
-                .compress_when(super::compressible())
-                .layer(Handler(state.clone())),
+            compression: super::compression().layer(Handler(state.clone())),
             body_limit: config.http.body_limit_bytes,
             timeout: config.request_timeout(),
             state,
@@ -77,15 +73,12 @@ impl FastPath {
         );
         let answer = async {
             let guarded = AssertUnwindSafe(self.respond(req, peer)).catch_unwind();
-            match tokio::time::timeout(self.timeout, guarded).await {
-                Ok(Ok(response)) => request_id::normalize(response),
+            // Bare statuses (413, 504) get their envelope from `normalize`, as on the router.
+            request_id::normalize(match tokio::time::timeout(self.timeout, guarded).await {
+                Ok(Ok(response)) => response,
                 Ok(Err(panic)) => super::on_panic(panic),
-                Err(_) => ApiError::new(
-                    ErrorCode::Timeout,
-                    "the request took longer than the configured timeout",
-                )
-                .into_response(),
-            }
+                Err(_) => StatusCode::GATEWAY_TIMEOUT.into_response(),
+            })
         };
         let mut response = request_id::scope(id.clone(), answer)
             .instrument(span.clone())
@@ -110,7 +103,7 @@ impl FastPath {
     async fn respond(&self, req: Request<Incoming>, peer: SocketAddr) -> Response {
         let (parts, body) = req.into_parts();
         if body.size_hint().lower() > self.body_limit as u64 {
-            return too_large();
+            return StatusCode::PAYLOAD_TOO_LARGE.into_response();
         }
         if let Err(limited) =
             rate_limit::admit(&self.state, &parts.headers, Some(peer), Class::Interact)
@@ -119,7 +112,9 @@ impl FastPath {
         }
         let bytes = match Limited::new(body, self.body_limit).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => return too_large(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return StatusCode::PAYLOAD_TOO_LARGE.into_response()
+            }
             Err(e) => {
                 return ApiError::validation("body", format!("could not read the body: {e}"))
                     .into_response()
@@ -135,14 +130,6 @@ impl FastPath {
             Err(never) => match never {},
         }
     }
-}
-
-fn too_large() -> Response {
-    ApiError::new(
-        ErrorCode::PayloadTooLarge,
-        "request body is larger than the configured limit",
-    )
-    .into_response()
 }
 
 /// The chat-completions handler as a tower service, so tower-http's compression can wrap it.

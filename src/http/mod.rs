@@ -140,6 +140,14 @@ pub fn router(state: AppState) -> Router {
 pub type Compressible =
     And<And<And<SizeAbove, NotForContentType>, NotForContentType>, NotForContentType>;
 
+/// Response compression (gzip or br, as the client accepts) for what `compressible` allows.
+pub fn compression() -> CompressionLayer<Compressible> {
+    CompressionLayer::new()
+        .gzip(true)
+        .br(true)
+        .compress_when(compressible())
+}
+
 /// What is worth compressing: bodies of at least a kilobyte (a chat completion or an error is
 /// smaller, and compressing it costs more than it saves on the wire), never images, gRPC or
 /// event streams (SSE must flush every event).
@@ -158,12 +166,7 @@ pub fn with_layers(api: Router, config: &Config) -> Router {
             StatusCode::GATEWAY_TIMEOUT,
             config.request_timeout(),
         ))
-        .layer(
-            CompressionLayer::new()
-                .gzip(true)
-                .br(true)
-                .compress_when(compressible()),
-        )
+        .layer(compression())
         .layer(cors(config))
         .layer(CatchPanicLayer::custom(on_panic))
         .layer(

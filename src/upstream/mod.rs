@@ -582,8 +582,7 @@ impl Upstream {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        // Boxed: the error path is rare, and inline it would grow every attempt's future.
-        Err(Box::pin(self.status_error(resp)).await)
+        Err(self.status_error(resp).await)
     }
 
     async fn check_status_passthrough(
@@ -594,21 +593,26 @@ impl Upstream {
         if s < 400 || (s < 500 && !matches!(s, 401 | 403 | 429)) {
             return Ok(resp);
         }
-        // Boxed: the error path is rare, and inline it would grow every attempt's future.
-        Err(Box::pin(self.status_error(resp)).await)
+        Err(self.status_error(resp).await)
     }
 
-    async fn status_error(&self, resp: http::Response<hyper::body::Incoming>) -> UpstreamError {
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
-        let body = transport::read_limited(resp.into_body(), 64 * 1024)
-            .await
-            .unwrap_or_default();
-        UpstreamError::from_status(&self.name, status, &body).with_retry_after(retry_after)
+    /// Boxed: the error path is rare, and inline it would grow every attempt's future.
+    fn status_error(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> futures_util::future::BoxFuture<'_, UpstreamError> {
+        Box::pin(async move {
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
+            let body = transport::read_limited(resp.into_body(), 64 * 1024)
+                .await
+                .unwrap_or_default();
+            UpstreamError::from_status(&self.name, status, &body).with_retry_after(retry_after)
+        })
     }
 
     async fn read_ok_body(
