@@ -19,7 +19,7 @@
 # Knobs: ROUNDS=3 LAT_SECS=10 (sequential, fixed rate) CLOSED_SECS=5 (c=32) RATE=50 CONC=32
 #        N_STREAMS=1000 CHUNKS=100 CHUNK_DELAY_MS=20 STREAM_SECS=15 STREAM_ROUNDS=2
 #        CASES="overhead streams" (either or both)
-#        TARGETS="direct char interact" (the overhead targets; default all, LiteLLM when installed)
+#        TARGETS="direct char interact" (targets of both cases; default all, LiteLLM when installed)
 #        QUIET_CORES=0.25 QUIET_WAIT=180 ATTEMPTS=3: the machine is shared; before each case wait
 #        (QUIET_WAIT s at most) until other processes use under QUIET_CORES, and measure a case
 #        again (ATTEMPTS in all) when they used more during it.
@@ -276,6 +276,7 @@ if [[ " $CASES " == *" streams "* ]]; then
   warm=$(awk -v m="$stream_ms" 'BEGIN { print m / 1000 + 1 }')
   for r in $(seq "$STREAM_ROUNDS"); do
     for t in direct floor taproom char interact; do
+      [[ " ${TARGETS[*]} " == *" $t "* ]] || continue
       echo "$(date +%T) streams round $r/$STREAM_ROUNDS: $t" >&2
       # Each Taproom case gets a fresh process and database: its peak is what these streams cost.
       [[ $t == direct || $t == floor ]] || start_taproom

@@ -73,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000);
 
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("bench.redb"), 1_000)?;
+    let store = Store::open(&dir.path().join("bench.redb"), &Default::default())?;
     let characters = CharacterService::new(store.clone(), LimitsConfig::default(), 1024);
     let user = User {
         id: "bench-user".into(),

@@ -129,6 +129,11 @@ pub struct LimitsConfig {
 pub struct StoreConfig {
     /// Characters kept in the in-memory cache.
     pub cache_capacity: u64,
+    /// MiB of conversation histories kept in memory, so a turn does not re-read its history.
+    pub history_cache_mb: u64,
+    /// MiB of database pages redb keeps in memory (its own default, 1 GiB, lets RSS grow with the
+    /// file); pages beyond it are read back from the OS page cache.
+    pub page_cache_mb: u64,
 }
 
 /// TLS termination. Serving HTTPS needs both `cert` and `key`; with neither, plain HTTP.
@@ -245,6 +250,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             cache_capacity: 20_000,
+            history_cache_mb: 8,
+            page_cache_mb: 8,
         }
     }
 }

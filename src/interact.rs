@@ -717,11 +717,23 @@ impl InteractService {
             .await
     }
 
-    /// Stores a generated (or partial) reply and returns the stored message and history.
+    /// Stores a generated (or partial) reply after `save_pending` stored the user message, and
+    /// returns the stored message and history.
     pub async fn finish(
         &self,
         p: &Prepared,
         generated: Generated,
+    ) -> Result<(StoredMessage, Arc<History>), ApiError> {
+        self.store_reply(p, generated, false).await
+    }
+
+    /// Stores a reply; with `with_pending` the turn's user message (and greeting) go in the same
+    /// durable commit, replacing the record as it was before the turn.
+    async fn store_reply(
+        &self,
+        p: &Prepared,
+        generated: Generated,
+        with_pending: bool,
     ) -> Result<(StoredMessage, Arc<History>), ApiError> {
         let mut conversation = p.conversation.clone();
         conversation.lore_state =
@@ -779,20 +791,21 @@ impl InteractService {
                 m
             }
         };
-        // The user message was saved by `save_pending`; this save replaces that record.
-        let mut previous = p.conversation.clone();
-        if matches!(p.target, ReplyTarget::Swipe(_)) {
-            previous = p.previous.clone().unwrap_or(previous);
-        }
+        let (previous, mut upserts) = if with_pending {
+            (p.previous.clone(), p.pending.clone())
+        } else if matches!(p.target, ReplyTarget::Swipe(_)) {
+            (
+                Some(p.previous.clone().unwrap_or(p.conversation.clone())),
+                Vec::new(),
+            )
+        } else {
+            // The user message was saved by `save_pending`; this save replaces that record.
+            (Some(p.conversation.clone()), Vec::new())
+        };
+        upserts.push(message.clone());
         let history = self
             .conversations
-            .save(
-                conversation,
-                Some(previous),
-                vec![message.clone()],
-                vec![],
-                1,
-            )
+            .save(conversation, previous, upserts, vec![], 1)
             .await?;
         // Rolling summaries run in the background and never delay this reply.
         self.memory.note_turn(
@@ -804,28 +817,35 @@ impl InteractService {
         Ok((message, history))
     }
 
-    /// A whole (non-streaming) turn or regeneration: save the user message while generating,
-    /// then store the reply. Returns the spec's CharacterInteractionResponse.
+    /// A whole (non-streaming) turn or regeneration. The user message and the reply are stored
+    /// in one durable commit before the response (a turn waits for one commit, not two); when
+    /// no reply comes (upstream failure, a plugin veto) the user message is stored on its own.
+    /// Returns the spec's CharacterInteractionResponse.
     pub async fn run(&self, p: Prepared) -> Result<Value, ApiError> {
-        let (saved, generated) = tokio::join!(
-            async {
-                if p.pending.is_empty() {
-                    Ok(None)
-                } else {
-                    self.save_pending(&p).await.map(Some)
+        let outcome = async {
+            let generated = match &p.short_circuit {
+                Some((plugin, reply)) => plugin_reply(plugin, reply),
+                None => p
+                    .upstream
+                    .generate(&p.request)
+                    .await
+                    .map(Generated::from)
+                    .map_err(upstream_error)?,
+            };
+            self.after_hooks(&p, generated).await
+        }
+        .await;
+        let (generated, after) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                if !p.pending.is_empty() {
+                    self.save_pending(&p).await?;
                 }
-            },
-            async {
-                match &p.short_circuit {
-                    Some((plugin, reply)) => Ok(plugin_reply(plugin, reply)),
-                    None => p.upstream.generate(&p.request).await.map(Generated::from),
-                }
+                return Err(e);
             }
-        );
-        saved?;
-        let generated = generated.map_err(upstream_error)?;
-        let (generated, after) = self.after_hooks(&p, generated).await?;
-        let (message, history) = self.finish(&p, generated).await?;
+        };
+        let with_pending = !p.pending.is_empty();
+        let (message, history) = self.store_reply(&p, generated, with_pending).await?;
         let mut v = response_json(&message, &history);
         attach_plugin_meta(&mut v, &p, &after);
         Ok(v)
@@ -1121,20 +1141,18 @@ impl InteractService {
             let saved = if p.pending.is_empty() {
                 Ok(None)
             } else {
-                self.save_pending(&p).await.map(Some)
+                Box::pin(self.save_pending(&p)).await.map(Some)
             };
             if let Err(e) = saved {
                 let _ = tx.send(GenEvent::Error(e)).await;
                 return;
             }
             let _ = tx.send(GenEvent::Delta(reply.clone())).await;
-            let event = match self
-                .finish_with_hooks(&p, plugin_reply(&plugin, &reply))
-                .await
-            {
-                Ok(v) => GenEvent::Done(v),
-                Err(e) => GenEvent::Error(e),
-            };
+            let event =
+                match Box::pin(self.finish_with_hooks(&p, plugin_reply(&plugin, &reply))).await {
+                    Ok(v) => GenEvent::Done(v),
+                    Err(e) => GenEvent::Error(e),
+                };
             let _ = tx.send(event).await;
             return;
         }
@@ -1146,11 +1164,11 @@ impl InteractService {
                 if p.pending.is_empty() {
                     Ok(None)
                 } else {
-                    self.save_pending(&p).await.map(Some)
+                    Box::pin(self.save_pending(&p)).await.map(Some)
                 }
             },
             async {
-                let mut upstream = p.upstream.stream(&p.request).await?;
+                let mut upstream = Box::pin(p.upstream.stream(&p.request)).await?;
                 let first = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => None,
@@ -1212,7 +1230,7 @@ impl InteractService {
         drop(upstream);
         match outcome {
             Ok(generated) => {
-                let event = match self.finish_with_hooks(&p, generated).await {
+                let event = match Box::pin(self.finish_with_hooks(&p, generated)).await {
                     Ok(v) => GenEvent::Done(v),
                     Err(e) => GenEvent::Error(e),
                 };
@@ -1236,7 +1254,7 @@ impl InteractService {
                 let stored = if generated.content.is_empty() {
                     Ok(None)
                 } else {
-                    self.finish(&p, generated)
+                    Box::pin(self.finish(&p, generated))
                         .await
                         .map(|(m, h)| Some(response_json(&m, &h)))
                 };

@@ -355,7 +355,7 @@ pub fn restore(config: &Config, file: &Path) -> ExitCode {
 /// Opens the store and services for the offline commands.
 fn open_services(config: Config) -> Result<(Store, ConversationService), String> {
     let db = config.db_path();
-    let store = match Store::open(&db, config.store.cache_capacity) {
+    let store = match Store::open(&db, &config.store) {
         Ok(s) => s,
         Err(e) if held_by_server(&e) => {
             return Err("the database is in use; stop the server first".into())

@@ -56,7 +56,7 @@ pub fn build_state(config: Config) -> Result<AppState, StartError> {
             })?,
         );
     let metrics = Metrics::new(config.db_path()).map_err(|e| StartError::Metrics(e.to_string()))?;
-    let store = Store::open(&config.db_path(), config.store.cache_capacity)?;
+    let store = Store::open(&config.db_path(), &config.store)?;
     let characters = CharacterService::new(
         store.clone(),
         config.limits.clone(),

@@ -427,7 +427,7 @@ fn user(id: &str) -> User {
 
 async fn fixture(config: MemoryConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("t.redb"), 100).expect("store");
+    let store = Store::open(&dir.path().join("t.redb"), &Default::default()).expect("store");
     let characters = CharacterService::new(store.clone(), LimitsConfig::default(), 1024);
     let fake = FakeUpstream::start().await;
     let mut u = UpstreamConfig {

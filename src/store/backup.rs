@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn snapshot_copies_every_table() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("taproom.redb"), 16).unwrap();
+        let store = Store::open(&dir.path().join("taproom.redb"), &Default::default()).unwrap();
         let dest = dir.path().join("backup.redb");
         store.snapshot_to(&dest).unwrap();
         let names = |db: &Database| -> Vec<String> {

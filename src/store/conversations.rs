@@ -68,6 +68,23 @@ pub struct History {
     pub messages: Vec<StoredMessage>,
 }
 
+impl History {
+    /// Approximate heap bytes, for the cache's byte budget: the texts plus fixed costs for the
+    /// other fields' allocations and the cache entry (calibrated against RSS under load, where
+    /// 3-message histories took ~4 KB each).
+    pub(crate) fn weight(&self) -> u32 {
+        let texts: usize = self
+            .messages
+            .iter()
+            .map(|m| {
+                let swipes: usize = m.swipes.iter().map(|s| s.len() + 32).sum();
+                m.content.len() + swipes + std::mem::size_of::<StoredMessage>() + 320
+            })
+            .sum();
+        u32::try_from(texts + std::mem::size_of::<Conversation>() + 1536).unwrap_or(u32::MAX)
+    }
+}
+
 /// A stored idempotent result.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdempotentRecord {
@@ -500,4 +517,70 @@ pub(crate) fn delete_character_conversations(
     }
     txn.open_table(CHARACTER_STATS)?.remove(chid)?;
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::conversations::new_message;
+    use crate::model::MessageRole;
+    use serde_json::{Map, Value};
+
+    fn history(messages: usize, bytes_each: usize) -> History {
+        History {
+            conversation: Conversation {
+                id: uuid::Uuid::now_v7().to_string(),
+                character_id: uuid::Uuid::now_v7().to_string(),
+                user_id: "u".into(),
+                started_at: String::new(),
+                last_activity: String::new(),
+                title: None,
+                message_count: messages as u64,
+                next_seq: messages as u64,
+                user_name: "User".into(),
+                lore_state: Value::Null,
+                character_state: None,
+                seed: 0,
+                chat_metadata: Map::new(),
+                plugin_state: Map::new(),
+            },
+            messages: (0..messages)
+                .map(|i| new_message(i as u64, MessageRole::User, "User", "x".repeat(bytes_each)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_history_weighs_at_least_its_texts() {
+        let long = history(10, 100_000);
+        assert!(long.weight() >= 1_000_000, "{}", long.weight());
+        // Calibrated on short chats: three short messages cost a few KB, not a few bytes.
+        let short = history(3, 50).weight();
+        assert!((2_000..8_000).contains(&short), "{short}");
+    }
+
+    #[test]
+    fn the_history_cache_keeps_to_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            history_cache_mb: 1,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(&dir.path().join("t.redb"), &config).unwrap();
+        // 40 histories of ~100 KB each: far over 1 MiB, so most must be evicted.
+        for i in 0..40u128 {
+            store.histories.insert(i, Arc::new(history(4, 25_000)));
+        }
+        store.histories.run_pending_tasks();
+        assert!(
+            store.histories.weighted_size() <= 1 << 20,
+            "{} bytes cached",
+            store.histories.weighted_size()
+        );
+        assert!(
+            store.histories.entry_count() >= 5,
+            "the budget still holds some"
+        );
+    }
 }

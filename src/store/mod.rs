@@ -24,6 +24,7 @@ pub use memory::SHARED_MEMORY;
 pub use plugins::PluginBindingRecord;
 pub use summary::Summary;
 
+use crate::config::StoreConfig;
 use crate::model::Character;
 use moka::sync::Cache;
 use redb::{
@@ -122,7 +123,8 @@ pub struct StoreInner {
     db: Arc<Database>,
     /// Characters by id; written after every commit, so reads never see older data than the file.
     cache: Cache<u128, Cached>,
-    /// Conversation histories by id, replaced after every commit that changes them.
+    /// Conversation histories by id, replaced after every commit that changes them; bounded in
+    /// bytes because one long chat outweighs hundreds of short ones.
     histories: Cache<u128, Arc<History>>,
     /// Character cache hits and misses since open; atomics because moka keeps no counters and
     /// every request thread reads characters.
@@ -199,18 +201,24 @@ struct CacheCounters {
 
 impl Store {
     /// Opens (or creates) the database file and checks its schema version.
-    pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
+        let cache_capacity = config.cache_capacity;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::Corrupt(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let db = Database::create(path)?;
+        let page_cache =
+            usize::try_from(config.page_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let db = Database::builder()
+            .set_cache_size(page_cache)
+            .create(path)?;
         let store = Self(Arc::new(StoreInner {
             db: Arc::new(db),
             cache: Cache::builder().max_capacity(cache_capacity).build(),
             histories: Cache::builder()
-                .max_capacity(cache_capacity / 4 + 16)
+                .max_capacity(config.history_cache_mb.saturating_mul(1 << 20))
+                .weigher(|_, h: &Arc<History>| h.weight())
                 .build(),
             cache_counters: Arc::default(),
             summaries: Cache::builder()
