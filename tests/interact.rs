@@ -679,6 +679,59 @@ async fn sse_stream_cut_sends_an_error_and_keeps_the_partial_reply() {
     assert_eq!(last["metadata"]["finishReason"], "error");
 }
 
+/// An upstream's `timeout_ms` bounds the silence between stream events, not the whole stream.
+#[tokio::test]
+async fn a_slow_stream_finishes_and_a_stalled_one_ends_with_an_error() {
+    let fake = FakeUpstream::start().await;
+    fake.set_chunks(6);
+    let s = TestServer::start_with(Options {
+        config: Some(format!(
+            "[upstreams.main]\nurl = \"{}\"\ntimeout_ms = 400\n[upstreams.main.retry]\nmax_attempts = 1\n",
+            fake.openai_url()
+        )),
+        ..Options::default()
+    })
+    .await;
+    let t = token("ann");
+    let c = s.create_character(&t, json!({"name": "Slow"})).await;
+    let path = format!("/api/characters/{}/interact", c["id"].as_str().unwrap());
+    let stream = |message: &str| json!({"message": message, "parameters": {"stream": true}});
+
+    // Frames 60 ms apart: over half a second in all, longer than the timeout, but never 400 ms
+    // without an event (the tail, finish + usage + [DONE] + end of body, makes one event).
+    let started = std::time::Instant::now();
+    let text = s
+        .post_json(&path, Some(&t), &stream("[[fault:drip:60]] slowly"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = support::sse::parse(&text);
+    assert_eq!(events.last().unwrap().0, "done", "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+
+    // Two frames, then silence with the connection open: an error after the 400 ms, and the
+    // partial reply kept.
+    let started = std::time::Instant::now();
+    let text = s
+        .post_json(&path, Some(&t), &stream("[[fault:stall:2]] and then"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let events = support::sse::parse(&text);
+    let (last_event, last_data) = events.last().unwrap();
+    assert_eq!(last_event, "error", "{text}");
+    assert!(last_data.contains("stalled"), "{last_data}");
+    assert!(events.iter().any(|(e, _)| e == "chunk"), "{text}");
+    assert!(
+        elapsed >= std::time::Duration::from_millis(400),
+        "{elapsed:?}"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
+}
+
 #[tokio::test]
 async fn sillytavern_upstream_gets_override_settings_and_keeps_character_state() {
     let fake = FakeUpstream::start().await;

@@ -178,6 +178,12 @@ pub async fn regenerate(
     Ok(Json(state.interact.run(prepared).await?).into_response())
 }
 
+/// An SSE `chunk` event's data, serialized straight from the delta (no JSON tree per delta).
+#[derive(serde::Serialize)]
+struct DeltaData<'a> {
+    delta: &'a str,
+}
+
 fn sse_response(state: AppState, prepared: Prepared) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(STREAM_BUFFER);
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -198,7 +204,7 @@ fn sse_response(state: AppState, prepared: Prepared) -> Response {
                 GenEvent::Delta(d) => (
                     Event::default()
                         .event("chunk")
-                        .json_data(json!({ "delta": d })),
+                        .json_data(DeltaData { delta: &d }),
                     false,
                 ),
                 GenEvent::Done(v) => (Event::default().event("done").json_data(v), true),

@@ -559,6 +559,43 @@ fn chunk(id: &str, created: i64, model: &str, delta: Value, finish: Option<&str>
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// A stream's content-delta chunks, built around bytes that are the same for every chunk of the
+/// stream, so a delta costs one string escape and one allocation (at 1,000 streams that is
+/// ~46,000 deltas/s) instead of a JSON tree per delta.
+struct DeltaFrames {
+    prefix: Vec<u8>,
+}
+
+impl DeltaFrames {
+    const SUFFIX: &'static [u8] = b"},\"finish_reason\":null}]}\n\n";
+
+    fn new(id: &str, created: i64, model: &str) -> Self {
+        let mut prefix = b"data: {\"id\":".to_vec();
+        push_json_str(&mut prefix, id);
+        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        prefix.extend_from_slice(created.to_string().as_bytes());
+        prefix.extend_from_slice(b",\"model\":");
+        push_json_str(&mut prefix, model);
+        prefix.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":{\"content\":");
+        Self { prefix }
+    }
+
+    /// `data: {…"delta":{"content":text}…}` and the blank line ending the event.
+    fn delta(&self, text: &str) -> Bytes {
+        let mut b = Vec::with_capacity(self.prefix.len() + text.len() + 48);
+        b.extend_from_slice(&self.prefix);
+        push_json_str(&mut b, text);
+        b.extend_from_slice(Self::SUFFIX);
+        Bytes::from(b)
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a string into a Vec has no failure case (no I/O, no non-string keys).
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
 fn sse_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
@@ -590,49 +627,47 @@ fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Respo
         None,
     );
     let head = futures_util::stream::once(async move { Ok::<_, Infallible>(first) });
+    let frames = DeltaFrames::new(&id, created, &model);
+    // Everything the events need lives in the unfold state: nothing is cloned per delta.
+    let state = (rx, guard, false, (frames, id, model, request_id));
     let events =
-        futures_util::stream::unfold((rx, guard, false), move |(mut rx, guard, finished)| {
-            let (id, model, request_id) = (id.clone(), model.clone(), request_id.clone());
-            async move {
-                if finished {
-                    return None;
-                }
-                let Some(ev) = rx.recv().await else {
-                    return Some((Bytes::from_static(b"data: [DONE]\n\n"), (rx, guard, true)));
-                };
-                let (bytes, done) = match ev {
-                    GenEvent::Delta(d) => (
-                        chunk(&id, created, &model, json!({"content": d}), None),
-                        false,
-                    ),
-                    GenEvent::Done(v) => {
-                        let finish = v["response"]["metadata"]["finishReason"]
-                            .as_str()
-                            .unwrap_or("stop");
-                        let mut b =
-                            chunk(&id, created, &model, json!({}), Some(openai_finish(finish)))
-                                .to_vec();
-                        b.extend_from_slice(b"data: [DONE]\n\n");
-                        (Bytes::from(b), true)
-                    }
-                    GenEvent::Error(e) => {
-                        let env = e.envelope(&request_id);
-                        let err = json!({"error": {
-                            "message": e.message,
-                            "type": "api_error",
-                            "code": e.code.as_str().to_lowercase(),
-                            "taproomCode": e.code.as_str(),
-                            "requestId": env["error"]["requestId"],
-                        }});
-                        (
-                            Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")),
-                            true,
-                        )
-                    }
-                    GenEvent::Cancelled(_) => (Bytes::from_static(b"data: [DONE]\n\n"), true),
-                };
-                Some((bytes, (rx, guard, done)))
+        futures_util::stream::unfold(state, move |(mut rx, guard, finished, ctx)| async move {
+            if finished {
+                return None;
             }
+            let (frames, id, model, request_id) = &ctx;
+            let Some(ev) = rx.recv().await else {
+                let end = Bytes::from_static(b"data: [DONE]\n\n");
+                return Some((end, (rx, guard, true, ctx)));
+            };
+            let (bytes, done) = match ev {
+                GenEvent::Delta(d) => (frames.delta(&d), false),
+                GenEvent::Done(v) => {
+                    let finish = v["response"]["metadata"]["finishReason"]
+                        .as_str()
+                        .unwrap_or("stop");
+                    let mut b =
+                        chunk(id, created, model, json!({}), Some(openai_finish(finish))).to_vec();
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    (Bytes::from(b), true)
+                }
+                GenEvent::Error(e) => {
+                    let env = e.envelope(request_id);
+                    let err = json!({"error": {
+                        "message": e.message,
+                        "type": "api_error",
+                        "code": e.code.as_str().to_lowercase(),
+                        "taproomCode": e.code.as_str(),
+                        "requestId": env["error"]["requestId"],
+                    }});
+                    (
+                        Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n")),
+                        true,
+                    )
+                }
+                GenEvent::Cancelled(_) => (Bytes::from_static(b"data: [DONE]\n\n"), true),
+            };
+            Some((bytes, (rx, guard, done, ctx)))
         })
         .map(Ok::<_, Infallible>);
     let body = head.chain(keepalive(events));
@@ -740,6 +775,28 @@ async fn background(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn delta_frames_are_the_chunk_json() {
+        let frames = super::DeltaFrames::new("chatcmpl-1", 1_700_000_000, "char-\"q\"");
+        let text = "line \"one\"\n\u{1F600} \\ end";
+        let bytes = frames.delta(text);
+        let body = std::str::from_utf8(&bytes).unwrap();
+        let json = body
+            .strip_prefix("data: ")
+            .and_then(|b| b.strip_suffix("\n\n"))
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_str(json).unwrap();
+        let want = serde_json::json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "char-\"q\"",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}],
+        });
+        assert_eq!(got, want);
+        assert!(!json.contains('\n'), "one SSE data line");
+    }
     use super::*;
 
     #[test]

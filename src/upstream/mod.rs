@@ -436,6 +436,7 @@ impl Upstream {
             permit: Some(permit),
             first,
             idle: self.timeout,
+            stall: Box::pin(tokio::time::sleep(self.timeout)),
             name: self.name.clone(),
         };
         Ok(Box::pin(futures_util::stream::unfold(Some(live), step)))
@@ -698,6 +699,9 @@ struct Live {
     permit: Option<Permit>,
     first: Option<StreamEvent>,
     idle: Duration,
+    /// The stall deadline: one timer per stream, pushed `idle` ahead before each event (lock-free
+    /// while the deadline only moves later) rather than a new timer registered per event.
+    stall: Pin<Box<tokio::time::Sleep>>,
     name: String,
 }
 
@@ -707,14 +711,19 @@ async fn step(state: Option<Live>) -> Step {
     let mut live = state?;
     let item = match live.first.take() {
         Some(ev) => Ok(ev),
-        None => match tokio::time::timeout(live.idle, live.reader.next_event()).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::new(
-                UpstreamErrorKind::StreamBroken,
-                &live.name,
-                format!("stream stalled for {} ms", live.idle.as_millis()),
-            )),
-        },
+        None => {
+            let deadline = tokio::time::Instant::now() + live.idle;
+            live.stall.as_mut().reset(deadline);
+            tokio::select! {
+                biased;
+                r = live.reader.next_event() => r,
+                _ = live.stall.as_mut() => Err(UpstreamError::new(
+                    UpstreamErrorKind::StreamBroken,
+                    &live.name,
+                    format!("stream stalled for {} ms", live.idle.as_millis()),
+                )),
+            }
+        }
     };
     match item {
         Ok(StreamEvent::Delta(d)) => Some((Ok(StreamEvent::Delta(d)), Some(live))),

@@ -9,8 +9,9 @@
 //! a seeded generator (`set_random_failure`, reproducible run to run), or per request through a
 //! marker in the last user message / `userInput` or an `x-fake-fault` header:
 //! `[[fault:503]]`, `[[fault:429:2]]` (Retry-After 2 s), `[[fault:reset]]`, `[[fault:cut:3]]`
-//! (stream cut after 3 frames), `[[fault:malformed]]`, `[[fault:drip:50]]` (50 ms between
-//! frames), `[[delay:200]]`, `[[chunks:5]]`.
+//! (stream cut after 3 frames), `[[fault:stall:2]]` (an SSE stream goes silent after 2 frames,
+//! connection open), `[[fault:malformed]]`, `[[fault:drip:50]]` (50 ms between frames),
+//! `[[delay:200]]`, `[[chunks:5]]`.
 //!
 //! `start_tls` serves HTTPS (h2 + HTTP/1.1 via ALPN) for the TLS tests.
 //!
@@ -56,6 +57,8 @@ pub enum Fault {
     Reset,
     /// Stream (SSE or WebSocket) this many frames, then cut the connection.
     Cut { after: usize },
+    /// Stream (SSE) this many frames, then send nothing more and keep the connection open.
+    Stall { after: usize },
     /// Answer 200 with a body that is not valid JSON.
     Malformed,
     /// Stream slowly: this many milliseconds before each frame.
@@ -63,7 +66,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// Parses `503`, `429:2`, `reset`, `cut:3`, `malformed`, `drip:50`.
+    /// Parses `503`, `429:2`, `reset`, `cut:3`, `stall:2`, `malformed`, `drip:50`.
     pub fn parse(spec: &str) -> Option<Fault> {
         let mut parts = spec.trim().splitn(2, ':');
         let head = parts.next()?;
@@ -72,6 +75,9 @@ impl Fault {
             "reset" => Some(Fault::Reset),
             "malformed" => Some(Fault::Malformed),
             "cut" => Some(Fault::Cut {
+                after: arg?.parse().ok()?,
+            }),
+            "stall" => Some(Fault::Stall {
                 after: arg?.parse().ok()?,
             }),
             "drip" => Some(Fault::Drip {
@@ -672,11 +678,12 @@ async fn handle(
     frames.push(sse(&json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
         "choices": [], "usage": usage})));
     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let cut = match plan.fault {
-        Some(Fault::Cut { after }) => Some(after),
+    let end = match plan.fault {
+        Some(Fault::Cut { after }) => Some(StreamEnd::Cut(after)),
+        Some(Fault::Stall { after }) => Some(StreamEnd::Stall(after)),
         _ => None,
     };
-    Ok(sse_response(shared, plan.idx, frames, plan.drip, cut))
+    Ok(sse_response(shared, plan.idx, frames, plan.drip, end))
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -789,25 +796,32 @@ impl Drop for CloseGuard {
     }
 }
 
+/// How a faulty SSE stream ends early: cut after N frames, or silent after N frames.
+#[derive(Clone, Copy, PartialEq)]
+enum StreamEnd {
+    Cut(usize),
+    Stall(usize),
+}
+
 fn sse_response(
     shared: Arc<Shared>,
     idx: usize,
     frames: Vec<Bytes>,
     drip: Duration,
-    cut: Option<usize>,
+    end: Option<StreamEnd>,
 ) -> Response<Body> {
     struct S {
         frames: std::vec::IntoIter<Bytes>,
         sent: usize,
         drip: Duration,
-        cut: Option<usize>,
+        end: Option<StreamEnd>,
         guard: CloseGuard,
     }
     let state = S {
         frames: frames.into_iter(),
         sent: 0,
         drip,
-        cut,
+        end,
         guard: CloseGuard {
             shared,
             idx,
@@ -816,7 +830,11 @@ fn sse_response(
     };
     let stream = futures_util::stream::unfold(Some(state), |st| async move {
         let mut st = st?;
-        if st.cut == Some(st.sent) {
+        if st.end == Some(StreamEnd::Stall(st.sent)) {
+            // Silent until the client gives up (dropping the body records the hang-up).
+            std::future::pending::<()>().await;
+        }
+        if st.end == Some(StreamEnd::Cut(st.sent)) {
             // Let hyper flush what was sent so far (it writes when the body is pending), then
             // fail the body: hyper aborts the connection without the final chunk.
             if st.sent > 0 {
