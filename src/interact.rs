@@ -795,7 +795,7 @@ impl InteractService {
             (p.previous.clone(), p.pending.clone())
         } else if matches!(p.target, ReplyTarget::Swipe(_)) {
             (
-                Some(p.previous.clone().unwrap_or(p.conversation.clone())),
+                Some(p.previous.clone().unwrap_or_else(|| p.conversation.clone())),
                 Vec::new(),
             )
         } else {

@@ -92,17 +92,8 @@ async fn cors_preflight_is_204_with_explicit_headers() {
     })
     .await;
     let r = s
-        .client
-        .request(reqwest::Method::OPTIONS, s.url("/api/characters"))
-        .header("origin", "http://tauri.localhost")
-        .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "authorization, content-type",
-        )
-        .send()
-        .await
-        .unwrap();
+        .preflight("/api/characters", "http://tauri.localhost")
+        .await;
     assert_eq!(r.status(), 204);
     assert_eq!(
         r.headers()["access-control-allow-origin"],
@@ -120,14 +111,7 @@ async fn cors_preflight_is_204_with_explicit_headers() {
         assert!(allow.contains(h), "{allow}");
     }
     // A foreign origin gets no allow-origin.
-    let r = s
-        .client
-        .request(reqwest::Method::OPTIONS, s.url("/api/characters"))
-        .header("origin", "http://evil.example")
-        .header("access-control-request-method", "POST")
-        .send()
-        .await
-        .unwrap();
+    let r = s.preflight("/api/characters", "http://evil.example").await;
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 }
 

@@ -154,6 +154,14 @@ impl tower::Service<Request<Bytes>> for Handler {
     }
 }
 
+/// The `Vary` value `CorsLayer` sets by default: the preflight request headers, joined.
+fn vary_value() -> HeaderValue {
+    let names: Vec<String> = tower_http::cors::preflight_request_headers()
+        .map(|h| h.as_str().to_owned())
+        .collect();
+    HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("origin"))
+}
+
 /// The CORS headers of a non-preflight response, as the router's `CorsLayer` sets them.
 struct CorsHeaders {
     /// `None` allows any origin.
@@ -166,9 +174,7 @@ impl CorsHeaders {
     fn new(config: &Config) -> Self {
         Self {
             origins: super::cors_origins(config),
-            vary: HeaderValue::from_static(
-                "origin, access-control-request-method, access-control-request-headers",
-            ),
+            vary: vary_value(),
             expose: HeaderValue::from_static(request_id::HEADER),
         }
     }

@@ -775,10 +775,11 @@ async fn background(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn delta_frames_are_the_chunk_json() {
-        let frames = super::DeltaFrames::new("chatcmpl-1", 1_700_000_000, "char-\"q\"");
+        let frames = DeltaFrames::new("chatcmpl-1", 1_700_000_000, "char-\"q\"");
         let text = "line \"one\"\n\u{1F600} \\ end";
         let bytes = frames.delta(text);
         let body = std::str::from_utf8(&bytes).unwrap();
@@ -786,8 +787,8 @@ mod tests {
             .strip_prefix("data: ")
             .and_then(|b| b.strip_suffix("\n\n"))
             .unwrap();
-        let got: serde_json::Value = serde_json::from_str(json).unwrap();
-        let want = serde_json::json!({
+        let got: Value = serde_json::from_str(json).unwrap();
+        let want = json!({
             "id": "chatcmpl-1",
             "object": "chat.completion.chunk",
             "created": 1_700_000_000,
@@ -797,7 +798,6 @@ mod tests {
         assert_eq!(got, want);
         assert!(!json.contains('\n'), "one SSE data line");
     }
-    use super::*;
 
     #[test]
     fn content_arrays_are_joined() {

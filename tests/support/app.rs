@@ -172,6 +172,21 @@ impl TestServer {
         r.send().await.expect("send")
     }
 
+    /// A CORS preflight for a POST with `authorization` and `content-type` from `origin`.
+    pub async fn preflight(&self, path: &str, origin: &str) -> reqwest::Response {
+        self.client
+            .request(reqwest::Method::OPTIONS, self.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+            .await
+            .expect("send")
+    }
+
     /// POST JSON.
     pub async fn post_json(
         &self,
