@@ -8,6 +8,7 @@
 mod backup;
 mod characters;
 mod conversations;
+mod file;
 mod group_commit;
 mod memory;
 mod plugins;
@@ -210,9 +211,10 @@ impl Store {
         }
         let page_cache =
             usize::try_from(config.page_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let file = file::FilledFile::open(path).map_err(redb::StorageError::from)?;
         let db = Database::builder()
             .set_cache_size(page_cache)
-            .create(path)?;
+            .create_with_backend(file)?;
         let store = Self(Arc::new(StoreInner {
             db: Arc::new(db),
             cache: Cache::builder().max_capacity(cache_capacity).build(),
