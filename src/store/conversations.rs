@@ -137,9 +137,8 @@ impl Store {
 
     /// Writes a conversation record plus new or changed messages, and removes `removed`
     /// seqs, durably. Concurrent saves share one transaction and one fsync (group commit); each
-    /// still succeeds or fails on its own. Waiting takes no thread: the writer that finds no
-    /// committer running commits its own batch, and a blocking thread commits whatever queued
-    /// up meanwhile.
+    /// still succeeds or fails on its own. Waiting takes no thread: one blocking thread commits
+    /// for everyone.
     pub async fn save_conversation(
         &self,
         change: ConversationChange,
@@ -149,24 +148,12 @@ impl Store {
         let chid = parse_id(&change.conversation.character_id)
             .ok_or_else(|| StoreError::NotFound(change.conversation.character_id.clone()))?;
         let (done, committer) = self.turns.enqueue(Queued { cid, chid, change });
-        if let Some(mut committer) = committer {
+        if let Some(committer) = committer {
             let store = self.clone();
-            let mut commit = move |batch| store.commit_changes(batch);
-            // The batch holds this writer's own change, so on the multi-threaded runtime it is
-            // committed right here (the worker's other tasks move to another thread meanwhile):
-            // a lone turn is spared handing off to a blocking thread and being woken back.
-            let multi_thread = tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            let finished = multi_thread
-                && tokio::task::block_in_place(|| {
-                    committer.step(&mut commit);
-                    committer.stand_down_if_idle()
-                });
-            if !finished {
-                // Whatever queued up meanwhile is committed on a blocking thread. If the
-                // runtime refuses the task, the committer is dropped and fails the queue.
-                drop(tokio::task::spawn_blocking(move || committer.run(commit)));
-            }
+            // If the runtime refuses the task, the committer is dropped and fails the queue.
+            drop(tokio::task::spawn_blocking(move || {
+                committer.run(|batch| store.commit_changes(batch))
+            }));
         }
         done.await.unwrap_or_else(|_| Err(lost()))
     }

@@ -1,9 +1,9 @@
-//! Group commit: writers queue their changes and wait asynchronously; one committer commits
-//! whatever is queued in one transaction, then the next batch, until the queue is empty. A lone
-//! writer is committed at once (no timer, no extra latency); under load one fsync covers many
-//! writers, which lifts the single-writer ceiling of redb (about one durable commit per
-//! millisecond here). Waiting writers hold no thread: with 1,000 concurrent turns a thread per
-//! waiter grew the blocking pool to its 512-thread limit.
+//! Group commit: writers queue their changes and wait asynchronously; one committer on a
+//! blocking thread commits whatever is queued in one transaction, then the next batch, until the
+//! queue is empty. A lone writer is committed at once (no timer, no extra latency); under load
+//! one fsync covers many writers, which lifts the single-writer ceiling of redb (about one
+//! durable commit per millisecond here). Waiting writers hold no thread: with 1,000 concurrent
+//! turns a thread per waiter grew the blocking pool to its 512-thread limit.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
@@ -72,38 +72,23 @@ impl<C, R> Committer<C, R> {
     /// Commits batches in arrival order until the queue is empty. `commit` must return one
     /// result per change, in order; a change left without a result sees its receiver closed.
     pub(crate) fn run(mut self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
-        while self.step(&mut commit) {}
-    }
-
-    /// Commits what is queued right now. Returns `false`, having stood down, when the queue was
-    /// already empty: from then on the next writer starts a new committer.
-    pub(crate) fn step(&mut self, commit: &mut impl FnMut(Vec<C>) -> Vec<R>) -> bool {
-        let batch = {
-            let mut q = lock(&self.group.queue);
-            if q.pending.is_empty() {
-                q.committing = false;
-                self.finished = true;
-                return false;
+        loop {
+            let batch = {
+                let mut q = lock(&self.group.queue);
+                if q.pending.is_empty() {
+                    q.committing = false;
+                    self.finished = true;
+                    break;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
+            for (result, sender) in commit(changes).into_iter().zip(senders) {
+                // The writer may have gone away (its request was cancelled); the change is
+                // committed all the same.
+                let _ = sender.send(result);
             }
-            std::mem::take(&mut q.pending)
-        };
-        let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
-        for (result, sender) in commit(changes).into_iter().zip(senders) {
-            // The writer may have gone away (its request was cancelled); the change is
-            // committed all the same.
-            let _ = sender.send(result);
         }
-        true
-    }
-
-    /// Stands down if nothing is queued; `false` when more is waiting and this must go on.
-    pub(crate) fn stand_down_if_idle(&mut self) -> bool {
-        let mut q = lock(&self.group.queue);
-        if q.pending.is_empty() {
-            q.committing = false;
-            self.finished = true;
-        }
-        self.finished
     }
 }
 
@@ -152,34 +137,6 @@ mod tests {
             });
         }
         rx.await.ok()
-    }
-
-    #[tokio::test]
-    async fn a_committer_steps_through_batches_and_stands_down_only_when_idle() {
-        let g = Arc::new(GroupCommit::<u32, u32>::default());
-        let (first, committer) = g.enqueue(1);
-        let mut committer = committer.expect("the first writer starts the committer");
-        // Someone queues while the first batch is being committed.
-        let mut late = None;
-        let mut commit = |batch: Vec<u32>| {
-            if late.is_none() {
-                late = Some(g.enqueue(2));
-            }
-            batch.iter().map(|x| x * 10).collect()
-        };
-        assert!(committer.step(&mut commit), "committed the first batch");
-        assert_eq!(first.await.ok(), Some(10));
-        let (second, nobody) = late.take().expect("queued during the commit");
-        assert!(nobody.is_none(), "the running committer takes it");
-        assert!(
-            !committer.stand_down_if_idle(),
-            "work is waiting: must go on"
-        );
-        committer.run(|batch| batch.iter().map(|x| x * 10).collect());
-        assert_eq!(second.await.ok(), Some(20));
-        // Idle now: the next writer starts a committer of its own.
-        let (_rx, next) = g.enqueue(3);
-        assert!(next.is_some());
     }
 
     #[tokio::test]
