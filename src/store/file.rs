@@ -10,11 +10,13 @@
 
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+
+use super::group_commit::lock;
 
 /// How far past the end of a write the file is filled, at most.
 const FILL_AHEAD: u64 = 1 << 20;
@@ -38,11 +40,6 @@ struct Extent {
     filled: u64,
 }
 
-/// A poisoned lock only means a write panicked; the extent is at worst conservative.
-fn lock(m: &Mutex<Extent>) -> MutexGuard<'_, Extent> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl FilledFile {
     /// Opens (or creates) the file the way `redb::Builder::create` does.
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
@@ -52,10 +49,6 @@ impl FilledFile {
             .create(true)
             .truncate(false)
             .open(path)?;
-        Self::new(file)
-    }
-
-    fn new(file: File) -> io::Result<Self> {
         // What is already in the file is taken as allocated: holes an earlier run left there
         // are only slower to write, not wrong.
         let len = file.metadata()?.len();

@@ -30,8 +30,9 @@ impl<C, R> Default for GroupCommit<C, R> {
     }
 }
 
-/// A poisoned lock only means another writer panicked; the queue itself is still consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A poisoned lock only means another writer panicked; the queue (like the store file's extent)
+/// is still consistent.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
