@@ -506,7 +506,7 @@ impl InteractService {
                 "the last message is not a character reply; send a message instead",
             ));
         }
-        let earlier: Vec<StoredMessage> = h.messages[..h.messages.len() - 1].to_vec();
+        let earlier = &h.messages[..h.messages.len() - 1];
         let user_input = earlier
             .iter()
             .rev()
@@ -516,12 +516,12 @@ impl InteractService {
         let mut conversation = h.conversation.clone();
         conversation.last_activity = crate::time::now_rfc3339();
         let (memory, recalled) = self
-            .recall(user, &character, &conversation, &earlier, params.dry_run)
+            .recall(user, &character, &conversation, earlier, params.dry_run)
             .await?;
         let prompt = self.assemble(
             &character,
             &conversation,
-            &earlier,
+            earlier,
             params,
             &[],
             memory.as_ref(),
@@ -1190,13 +1190,18 @@ impl InteractService {
             }
         };
         let mut partial = String::new();
+        // Made once: a fresh `cancelled()`/`closed()` per event would register and unregister a
+        // waiter (two locks) for every delta.
+        let cancelled = cancel.cancelled();
+        let closed = tx.closed();
+        tokio::pin!(cancelled, closed);
         let outcome: Result<Generated, (String, Option<ApiError>)> = loop {
             let next = match first.take() {
                 Some(next) => next,
                 None => tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
-                    _ = tx.closed() => break Err(("cancelled".into(), None)),
+                    _ = &mut cancelled => break Err(("cancelled".into(), None)),
+                    _ = &mut closed => break Err(("cancelled".into(), None)),
                     next = upstream.next() => next,
                 },
             };
@@ -1205,7 +1210,7 @@ impl InteractService {
                     partial.push_str(&d);
                     tokio::select! {
                         biased;
-                        _ = cancel.cancelled() => break Err(("cancelled".into(), None)),
+                        _ = &mut cancelled => break Err(("cancelled".into(), None)),
                         sent = tx.send(GenEvent::Delta(d)) => {
                             if sent.is_err() {
                                 break Err(("cancelled".into(), None));

@@ -870,6 +870,18 @@ async fn deleting_a_character_removes_its_conversations() {
     let id = c["id"].as_str().unwrap();
     let (_, v) = interact(&s, &t, id, json!({"message": "hello"})).await;
     let cid = v["conversationId"].as_str().unwrap().to_string();
+    // Later turns rewrite the conversation but not its character-index entry; the delete
+    // must still find it through that index.
+    for message in ["again", "and again"] {
+        let (status, v) = interact(
+            &s,
+            &t,
+            id,
+            json!({"message": message, "conversationId": cid}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
     assert_eq!(
         s.delete(&format!("/api/characters/{id}"), Some(&t))
             .await

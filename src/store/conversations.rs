@@ -217,8 +217,14 @@ impl Store {
                     ),
                     (),
                 )?;
-                by_character.insert((chid, cid), ())?;
-                convs.insert(cid, encode_record(conversation)?.as_slice())?;
+                let existed = convs
+                    .insert(cid, encode_record(conversation)?.as_slice())?
+                    .is_some();
+                // Its character-index key never changes: rewriting it would only dirty pages
+                // that the commit then has to write and sync.
+                if !existed {
+                    by_character.insert((chid, cid), ())?;
+                }
                 let mut new_messages = 0u64;
                 for m in &change.upserts {
                     let existed = msgs
