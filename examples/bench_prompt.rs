@@ -88,7 +88,7 @@ fn character(book: CharacterBook) -> Option<Character> {
     serde_json::from_value(v).ok()
 }
 
-fn history(tokenizer: &Tokenizer) -> Vec<HistoryMessage> {
+fn history(tokenizer: &Tokenizer) -> Vec<HistoryMessage<'static>> {
     (0..200)
         .map(|i| {
             let user = i % 2 == 1;
@@ -107,9 +107,9 @@ fn history(tokenizer: &Tokenizer) -> Vec<HistoryMessage> {
             );
             HistoryMessage {
                 role: if user { Role::User } else { Role::Assistant },
-                name: if user { "Ann" } else { "Seraphina" }.to_owned(),
+                name: if user { "Ann" } else { "Seraphina" }.into(),
                 tokens: Some(tokenizer.count(&content)),
-                content,
+                content: content.into(),
             }
         })
         .collect()

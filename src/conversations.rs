@@ -352,9 +352,13 @@ pub fn conversation_not_found(cid: &str) -> ApiError {
 }
 
 fn find_message<'a>(h: &'a History, id: &str) -> Result<&'a StoredMessage, ApiError> {
-    h.messages.iter().find(|m| m.id == id).ok_or_else(|| {
-        ApiError::not_found(format!("message {id} does not exist in this conversation"))
-    })
+    h.messages
+        .iter()
+        .map(std::sync::Arc::as_ref)
+        .find(|m| m.id == id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("message {id} does not exist in this conversation"))
+        })
 }
 
 /// Opaque cursor for conversation pages.

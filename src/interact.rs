@@ -345,7 +345,12 @@ impl InteractService {
                     &name,
                     input.params.greeting_index.unwrap_or(0),
                 )?;
-                (None, conv, greeting.clone(), greeting)
+                (
+                    None,
+                    conv,
+                    greeting.iter().cloned().map(Arc::new).collect(),
+                    greeting,
+                )
             }
         };
         if let Some(name) = requested_name {
@@ -355,7 +360,7 @@ impl InteractService {
         let seq = next_seq(&conversation, &messages);
         let mut user_message = new_message(seq, MessageRole::User, &user_name, message.to_string());
         user_message.tokens = Some(self.tokenizer.count(&user_message.content) as u32);
-        messages.push(user_message.clone());
+        messages.push(Arc::new(user_message.clone()));
         pending.push(user_message);
         let now = crate::time::now_rfc3339();
         conversation.last_activity = now;
@@ -458,7 +463,7 @@ impl InteractService {
         user: &User,
         character: &Character,
         conversation: &Conversation,
-        messages: &[StoredMessage],
+        messages: &[Arc<StoredMessage>],
         dry_run: bool,
     ) -> Result<(Option<MemoryBlock>, Vec<crate::memory::RecalledMemory>), ApiError> {
         let query: Vec<&str> = messages
@@ -549,7 +554,7 @@ impl InteractService {
             request,
             upstream,
             target: ReplyTarget::Swipe(last.seq),
-            swipe_base: Some(last.clone()),
+            swipe_base: Some(StoredMessage::clone(last)),
             idempotency: None,
             recalled,
             bindings,
@@ -563,7 +568,7 @@ impl InteractService {
         &self,
         character: &Character,
         conversation: &Conversation,
-        messages: &[StoredMessage],
+        messages: &[Arc<StoredMessage>],
         params: &InteractParams,
         extra_sections: &[ExtraSection],
         memory: Option<&MemoryBlock>,
@@ -572,8 +577,8 @@ impl InteractService {
             .iter()
             .map(|m| HistoryMessage {
                 role: role_of(m),
-                name: m.name.clone(),
-                content: m.content.clone(),
+                name: m.name.as_str().into(),
+                content: m.content.as_str().into(),
                 tokens: m.tokens.map(|t| t as usize),
             })
             .collect();
@@ -870,7 +875,7 @@ impl InteractService {
         &self,
         character: &Character,
         conversation: &Conversation,
-        messages: &[StoredMessage],
+        messages: &[Arc<StoredMessage>],
         plugin: &str,
         recall: Option<crate::plugins::RecallFn>,
     ) -> crate::plugins::CallContext {
@@ -923,7 +928,7 @@ impl InteractService {
         bindings: &[crate::store::PluginBindingRecord],
         character: &Character,
         conversation: &mut Conversation,
-        messages: &mut [StoredMessage],
+        messages: &mut [Arc<StoredMessage>],
         prompt: &AssembledPrompt,
     ) -> Result<BeforeHooks, ApiError> {
         let mut out = BeforeHooks::default();
@@ -953,7 +958,7 @@ impl InteractService {
                     }
                     if let Some(text) = o.user_message {
                         if let Some(last) = messages.last_mut() {
-                            last.content = text.clone();
+                            Arc::make_mut(last).content = text.clone();
                         }
                         out.user_message = Some(text);
                     }
@@ -1018,10 +1023,10 @@ impl InteractService {
         if p.bindings.is_empty() {
             return Ok((generated, report));
         }
-        let history: Vec<StoredMessage> =
+        let history: Vec<Arc<StoredMessage>> =
             match self.conversations.load_owned(&p.conversation.id, &p.user) {
                 Ok(h) => h.messages.clone(),
-                Err(_) => p.pending.clone(),
+                Err(_) => p.pending.iter().cloned().map(Arc::new).collect(),
             };
         let recall = self.plugin_recall(&p.user, &p.character).await;
         for b in &p.bindings {
@@ -1072,7 +1077,7 @@ impl InteractService {
     }
 }
 
-fn next_seq(conversation: &Conversation, messages: &[StoredMessage]) -> u64 {
+fn next_seq(conversation: &Conversation, messages: &[Arc<StoredMessage>]) -> u64 {
     let after_last = messages.last().map(|m| m.seq + 1).unwrap_or(0);
     conversation.next_seq.max(after_last)
 }

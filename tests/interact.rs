@@ -404,6 +404,38 @@ async fn greetings_regenerate_and_swipes() {
         .await
         .unwrap();
     expect_error(r, 400, "VALIDATION_ERROR").await;
+
+    // Editing an early message replaces it in place in the cached history; the next turn
+    // appends after it, in order.
+    let greeting_id = conv["messages"][0]["id"].as_str().unwrap().to_string();
+    let r = s
+        .put_json(
+            &format!("/api/conversations/{cid}/messages/{greeting_id}"),
+            Some(&t),
+            &json!({"content": "Welcome back."}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let (status, v) = interact(
+        &s,
+        &t,
+        id,
+        json!({"message": "Tell me more", "conversationId": cid}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let conv = conversation(&s, &t, &cid).await;
+    let contents: Vec<&str> = conv["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents.len(), 4, "{contents:?}");
+    assert_eq!(contents[..3], ["Welcome back.", "Hi", "Tell me more"]);
+    // The prompt of that turn saw the edited greeting.
+    let sent = sent_messages(&fake);
+    assert!(sent.iter().any(|(_, c)| c == "Welcome back."), "{sent:?}");
 }
 
 #[tokio::test]

@@ -497,22 +497,22 @@ impl Fixture {
 }
 
 /// A conversation of `turns` user/character exchanges, seqs from 0.
-fn history(turns: usize) -> Vec<StoredMessage> {
+fn history(turns: usize) -> Vec<Arc<StoredMessage>> {
     let mut out = Vec::new();
     for i in 0..turns {
         let seq = (2 * i) as u64;
-        out.push(taproom::conversations::new_message(
+        out.push(Arc::new(taproom::conversations::new_message(
             seq,
             MessageRole::User,
             "Alice",
             format!("user turn {i}"),
-        ));
-        out.push(taproom::conversations::new_message(
+        )));
+        out.push(Arc::new(taproom::conversations::new_message(
             seq + 1,
             MessageRole::Character,
             "Mira",
             format!("reply {i}"),
-        ));
+        )));
     }
     out
 }

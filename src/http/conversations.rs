@@ -176,6 +176,7 @@ pub async fn get(
     let eligible: Vec<&StoredMessage> = h
         .messages
         .iter()
+        .map(std::sync::Arc::as_ref)
         .filter(|m| before.is_none_or(|b| m.seq < b))
         .collect();
     let start = eligible.len().saturating_sub(limit);

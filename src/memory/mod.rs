@@ -870,7 +870,7 @@ impl MemoryService {
 
     // ---- summarizer ------------------------------------------------------------------------
 
-    /// Called after each stored reply with the conversation's messages. Every
+    /// Called after each stored reply with the conversation's messages (in seq order). Every
     /// `summarize_every_turns` user turns since the last summary, starts the summarizer in the
     /// background and returns its handle (callers may ignore it; tests await it). A failed run
     /// leaves the turns unsummarized, so a later turn retries.
@@ -879,7 +879,7 @@ impl MemoryService {
         user: &User,
         character: &Character,
         conversation_id: &str,
-        history: &[StoredMessage],
+        history: &[Arc<StoredMessage>],
     ) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.inner.config.summarize_every_turns;
         if every == 0 {
@@ -895,10 +895,10 @@ impl MemoryService {
             }
         };
         let covered = state.summary.as_ref().map(|s| s.last_summarized_message);
-        let fresh: Vec<&StoredMessage> = history
-            .iter()
-            .filter(|m| covered.is_none_or(|c| m.seq > c))
-            .collect();
+        // A history is in seq order: find the first unsummarized message without walking a
+        // long history every turn.
+        let first = history.partition_point(|m| covered.is_some_and(|c| m.seq <= c));
+        let fresh: Vec<&StoredMessage> = history[first..].iter().map(Arc::as_ref).collect();
         let user_turns = fresh.iter().filter(|m| m.role == MessageRole::User).count();
         if user_turns < every as usize {
             return None;

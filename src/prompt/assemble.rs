@@ -128,7 +128,7 @@ pub struct PromptInput<'a> {
     /// The user persona description; empty = none.
     pub persona: &'a str,
     /// The chat, oldest first: greeting first, the new user message last.
-    pub history: &'a [HistoryMessage],
+    pub history: &'a [HistoryMessage<'a>],
     /// Summary and recalled memories.
     pub memory: Option<&'a MemoryBlock>,
     /// Context size and reply reservation.
@@ -377,7 +377,7 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
             .iter()
             .rev()
             .find(|m| role.is_none_or(|r| m.role == r))
-            .map_or("", |m| m.content.as_str())
+            .map_or("", |m| &*m.content)
     };
     let ctx = MacroContext {
         char_name: card.char_name,
@@ -644,7 +644,7 @@ pub fn assemble(input: &PromptInput<'_>, tokenizer: &Tokenizer) -> AssembledProm
         parts.push(Part {
             section: "chatHistory".to_owned(),
             role: m.role,
-            content: m.content.clone(),
+            content: m.content.to_string(),
             tokens: m.tokens.unwrap_or_else(|| tokenizer.count(&m.content)),
         });
     }

@@ -19,11 +19,11 @@ fn character(top: Value, profile: Value) -> Character {
     serde_json::from_value(v).unwrap()
 }
 
-fn msg(role: Role, content: &str) -> HistoryMessage {
+fn msg(role: Role, content: &str) -> HistoryMessage<'static> {
     HistoryMessage {
         role,
-        name: if role == Role::User { "Ann" } else { "Sera" }.to_owned(),
-        content: content.to_owned(),
+        name: if role == Role::User { "Ann" } else { "Sera" }.into(),
+        content: content.to_owned().into(),
         tokens: None,
     }
 }
@@ -31,7 +31,7 @@ fn msg(role: Role, content: &str) -> HistoryMessage {
 struct Fixture {
     character: Character,
     book: Option<CompiledLorebook>,
-    history: Vec<HistoryMessage>,
+    history: Vec<HistoryMessage<'static>>,
     persona: String,
     memory: Option<MemoryBlock>,
     budget: Budget,
@@ -40,7 +40,7 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(character: Character, history: Vec<HistoryMessage>) -> Self {
+    fn new(character: Character, history: Vec<HistoryMessage<'static>>) -> Self {
         let book = character
             .personality
             .character_book
@@ -334,7 +334,7 @@ fn budget_drops_oldest_history_first_then_examples() {
         json!({"mesExample": "<START>\nfirst example block\n<START>\nsecond example block"}),
         json!({}),
     );
-    let history: Vec<HistoryMessage> = (0..10)
+    let history: Vec<HistoryMessage<'static>> = (0..10)
         .map(|i| HistoryMessage {
             tokens: Some(10),
             ..msg(
@@ -473,7 +473,7 @@ fn seraphina_exact_messages() {
             HistoryMessage {
                 role: Role::Assistant,
                 name: "Seraphina".into(),
-                content: greeting.clone(),
+                content: greeting.clone().into(),
                 tokens: None,
             },
             msg(Role::User, "Thank you. Who attacked me?"),

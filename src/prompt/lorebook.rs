@@ -298,7 +298,7 @@ pub struct LoreReport {
 #[derive(Debug, Clone, Copy)]
 pub struct ActivationInput<'a> {
     /// The chat, oldest first, including the new user message.
-    pub history: &'a [HistoryMessage],
+    pub history: &'a [HistoryMessage<'a>],
     /// Token budget for activated content.
     pub budget_tokens: usize,
     /// The conversation's timed-effect state before this generation.

@@ -16,7 +16,7 @@ fn entries(entries: Value) -> CharacterBook {
     book(json!({ "entries": entries }))
 }
 
-fn chat(msgs: &[(&str, &str)]) -> Vec<HistoryMessage> {
+fn chat(msgs: &[(&str, &str)]) -> Vec<HistoryMessage<'static>> {
     msgs.iter()
         .map(|(name, content)| HistoryMessage {
             role: if *name == "Ann" {
@@ -24,8 +24,8 @@ fn chat(msgs: &[(&str, &str)]) -> Vec<HistoryMessage> {
             } else {
                 Role::Assistant
             },
-            name: (*name).to_owned(),
-            content: (*content).to_owned(),
+            name: (*name).to_owned().into(),
+            content: (*content).to_owned().into(),
             tokens: None,
         })
         .collect()

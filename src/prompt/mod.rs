@@ -19,6 +19,7 @@ pub mod macros;
 pub mod tokens;
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The role of a chat or prompt message, as OpenAI-style chat completion names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -44,15 +45,16 @@ impl Role {
 }
 
 /// One stored chat message, oldest first in a history (the greeting is the first assistant
-/// message, the new user message the last).
+/// message, the new user message the last). Texts are borrowed from the stored messages when
+/// the server builds a prompt: a long history is then not copied on every turn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryMessage {
+pub struct HistoryMessage<'a> {
     /// Who spoke.
     pub role: Role,
     /// Display name used in the lorebook scan buffer (`Name: text`).
-    pub name: String,
+    pub name: Cow<'a, str>,
     /// The message text, already macro-substituted when it was stored.
-    pub content: String,
+    pub content: Cow<'a, str>,
     /// Token count stored with the message; counted on the fly when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<usize>,

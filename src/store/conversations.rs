@@ -61,11 +61,12 @@ fn lost() -> StoreError {
     StoreError::Task("the commit of this change did not finish".into())
 }
 
-/// A conversation and its whole history, as cached.
+/// A conversation and its whole history, as cached. Messages are shared: a turn that appends
+/// to a long history copies pointers, not texts.
 #[derive(Debug, Clone)]
 pub struct History {
     pub conversation: Conversation,
-    pub messages: Vec<StoredMessage>,
+    pub messages: Vec<Arc<StoredMessage>>,
 }
 
 impl History {
@@ -122,7 +123,7 @@ impl Store {
         let mut messages = Vec::new();
         for item in table.range((conversation_id, 0u64)..=(conversation_id, u64::MAX))? {
             let (_, v) = item?;
-            messages.push(decode_record(v.value())?);
+            messages.push(Arc::new(decode_record(v.value())?));
         }
         let h = Arc::new(History {
             conversation,
@@ -311,14 +312,29 @@ impl Store {
                 .history(cid)?
                 .ok_or_else(|| StoreError::NotFound(conversation.id.clone()));
         }
-        messages.retain(|m| !removed.contains(&m.seq));
+        if !removed.is_empty() {
+            messages.retain(|m| !removed.contains(&m.seq));
+        }
+        // Upserts are almost always new messages after the last one: append those without
+        // touching (or re-sorting) the rest of a long history.
+        let mut sorted = true;
         for m in upserts {
-            match messages.iter_mut().find(|x| x.seq == m.seq) {
-                Some(slot) => *slot = m.clone(),
-                None => messages.push(m.clone()),
+            let m = Arc::new(m.clone());
+            if messages.last().is_none_or(|last| last.seq < m.seq) {
+                messages.push(m);
+                continue;
+            }
+            match messages.iter_mut().rev().find(|x| x.seq == m.seq) {
+                Some(slot) => *slot = m,
+                None => {
+                    messages.push(m);
+                    sorted = false;
+                }
             }
         }
-        messages.sort_by_key(|m| m.seq);
+        if !sorted {
+            messages.sort_by_key(|m| m.seq);
+        }
         let h = Arc::new(History {
             conversation: conversation.clone(),
             messages,
@@ -552,7 +568,14 @@ mod tests {
                 plugin_state: Map::new(),
             },
             messages: (0..messages)
-                .map(|i| new_message(i as u64, MessageRole::User, "User", "x".repeat(bytes_each)))
+                .map(|i| {
+                    Arc::new(new_message(
+                        i as u64,
+                        MessageRole::User,
+                        "User",
+                        "x".repeat(bytes_each),
+                    ))
+                })
                 .collect(),
         }
     }
