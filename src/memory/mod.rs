@@ -898,7 +898,7 @@ impl MemoryService {
         // A history is in seq order: find the first unsummarized message without walking a
         // long history every turn.
         let first = history.partition_point(|m| covered.is_some_and(|c| m.seq <= c));
-        let fresh: Vec<&StoredMessage> = history[first..].iter().map(Arc::as_ref).collect();
+        let fresh = &history[first..];
         let user_turns = fresh.iter().filter(|m| m.role == MessageRole::User).count();
         if user_turns < every as usize {
             return None;
@@ -909,7 +909,10 @@ impl MemoryService {
         }
         let window = self.inner.config.summary_window_messages.max(2);
         let start = fresh.len().saturating_sub(window);
-        let messages: Vec<StoredMessage> = fresh[start..].iter().map(|m| (*m).clone()).collect();
+        let messages: Vec<StoredMessage> = fresh[start..]
+            .iter()
+            .map(|m| StoredMessage::clone(m))
+            .collect();
         let this = self.clone();
         let user = user.clone();
         let character = character.clone();
