@@ -72,7 +72,7 @@ pub fn backup(config: &Config, out: &Path, url: Option<&str>) -> ExitCode {
     }
     let part = partial_path(out);
     let _ = std::fs::remove_file(&part);
-    let how = match snapshot_file(&db, &part) {
+    let how = match snapshot_file(&db, &config.store, &part) {
         Ok(rows) => format!("{rows} rows copied from {}", db.display()),
         Err(e) if held_by_server(&e) => {
             let _ = std::fs::remove_file(&part);

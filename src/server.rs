@@ -143,6 +143,7 @@ async fn serve(
     let ready = state.ready.clone();
     let metrics = state.metrics.clone();
     let fast = Arc::new(http::fast_path::FastPath::new(state.clone()));
+    let store = state.characters.store().clone();
     let app = http::router(state);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -219,6 +220,13 @@ async fn serve(
         .is_err()
     {
         tracing::warn!("grace period over; closing remaining connections");
+    }
+    // The turns the log made durable go into the database file, so a copy of the file taken
+    // after a clean stop is complete.
+    match tokio::task::spawn_blocking(move || store.checkpoint_turns()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "turn log checkpoint at shutdown failed"),
+        Err(e) => tracing::warn!(error = %e, "turn log checkpoint at shutdown did not run"),
     }
     Ok(())
 }

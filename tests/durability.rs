@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::app::{bin, signal, token, Options, TestServer, SECRET};
+use support::app::{admin_token, bin, cli, signal, token, Options, TestServer, SECRET};
 use support::fake_upstream::FakeUpstream;
 
 const ROUNDS: usize = 20;
@@ -182,12 +182,41 @@ async fn verify(s: &TestServer, acks: &Acks, replies: &Replies) {
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
-    for (id, version, status, v) in checks {
-        assert_eq!(status, 200, "acknowledged character {id} is missing: {v}");
+    for (id, version, status, v) in &checks {
+        assert_eq!(*status, 200, "acknowledged character {id} is missing: {v}");
         let got = v["version"].as_u64().unwrap_or(0);
         assert!(
-            got >= version,
+            got >= *version,
             "character {id}: acknowledged version {version}, found {got}"
+        );
+    }
+    // The counters move in the same commits as the rows they count, so after any crash and
+    // recovery they still match: a commit recovered twice from the turn log would not.
+    let owners: HashMap<String, String> = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, (owner, _))| (id.clone(), owner.clone()))
+        .collect();
+    let counted = futures_util::stream::iter(checks.iter().filter(|c| c.2 == 200))
+        .map(|(id, _, _, v)| {
+            let owner = owners[id].clone();
+            async move { (id, v, count_conversations(s, id, &owner).await) }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (id, v, (conversations, messages)) in counted {
+        let stats = &v["statistics"];
+        assert_eq!(
+            stats["conversationCount"].as_u64(),
+            Some(conversations),
+            "character {id}: statistics {stats} against {conversations} conversations"
+        );
+        assert_eq!(
+            stats["messageCount"].as_u64(),
+            Some(messages),
+            "character {id}: statistics {stats} against {messages} stored messages"
         );
     }
     let mut by_conversation: HashMap<String, (String, Vec<String>)> = HashMap::new();
@@ -227,6 +256,35 @@ async fn verify(s: &TestServer, acks: &Acks, replies: &Replies) {
                 stored.contains(&mid.as_str()),
                 "acknowledged reply {mid} is missing from conversation {cid}"
             );
+        }
+    }
+}
+
+/// The number of `owner`'s conversations with character `id`, and their messages in total.
+async fn count_conversations(s: &TestServer, id: &str, owner: &str) -> (u64, u64) {
+    let (mut conversations, mut messages) = (0, 0);
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("/api/characters/{id}/conversations?limit=100&before={c}"),
+            None => format!("/api/characters/{id}/conversations?limit=100"),
+        };
+        let v: Value = s
+            .get(&page, Some(&token(owner)))
+            .await
+            .json()
+            .await
+            .unwrap();
+        for c in v["conversations"]
+            .as_array()
+            .expect("a page of conversations")
+        {
+            conversations += 1;
+            messages += c["messageCount"].as_u64().expect("messageCount");
+        }
+        match v["nextCursor"].as_str() {
+            Some(c) if v["hasMore"] == true => cursor = Some(c.to_string()),
+            _ => return (conversations, messages),
         }
     }
 }
@@ -306,4 +364,115 @@ async fn acknowledged_writes_survive_sigkill() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Starts a new conversation with `character` and returns its id.
+async fn new_conversation(s: &TestServer, tok: &str, character: &str, message: &str) -> String {
+    let r = s
+        .post_json(
+            &format!("/api/characters/{character}/interact"),
+            Some(tok),
+            &json!({ "message": message }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["conversationId"].as_str().unwrap().to_string()
+}
+
+/// Status of GET /api/conversations/{cid}.
+async fn conversation_status(s: &TestServer, tok: &str, cid: &str) -> u16 {
+    s.get(&format!("/api/conversations/{cid}"), Some(tok))
+        .await
+        .status()
+        .as_u16()
+}
+
+/// Turns that only the turn log holds (the server was killed before any checkpoint) reach an
+/// offline backup; a restored backup never gets another database's log applied to it.
+#[tokio::test]
+async fn the_turn_log_reaches_offline_backups_but_never_a_restored_one() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeUpstream::start().await;
+    let tok = token("alice");
+    let s = start(data.path(), &fake).await;
+    let character = s
+        .create_character(&tok, json!({"name": "Logged", "description": "d"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = new_conversation(&s, &tok, &character, "before the backup").await;
+    let snapshot = work.path().join("snapshot.redb");
+    let r = s
+        .client
+        .post(s.url("/api/admin/backup"))
+        .bearer_auth(admin_token("root"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let o = cli(
+        &[
+            "backup",
+            "--out",
+            snapshot.to_str().unwrap(),
+            "--url",
+            &s.base,
+        ],
+        data.path(),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let after = new_conversation(&s, &tok, &character, "after the backup").await;
+    s.kill();
+
+    // The backup predates `after`; the data dir's turn log holds `after` and must stay out.
+    let o = cli(&["restore", snapshot.to_str().unwrap()], data.path());
+    assert!(o.status.success(), "{o:?}");
+    let s = start(data.path(), &fake).await;
+    assert_eq!(conversation_status(&s, &tok, &before).await, 200);
+    assert_eq!(conversation_status(&s, &tok, &after).await, 404);
+    let r: Value = s
+        .get(&format!("/api/characters/{character}"), Some(&tok))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["statistics"]["conversationCount"], 1, "{r}");
+
+    // A turn after the restore, then a crash: an offline backup applies the log first.
+    let logged = new_conversation(&s, &tok, &character, "only in the log").await;
+    s.kill();
+    let offline = work.path().join("offline.redb");
+    let o = cli(&["backup", "--out", offline.to_str().unwrap()], data.path());
+    assert!(o.status.success(), "{o:?}");
+    let fresh = tempfile::tempdir().unwrap();
+    let o = cli(&["restore", offline.to_str().unwrap()], fresh.path());
+    assert!(o.status.success(), "{o:?}");
+    let s = start(fresh.path(), &fake).await;
+    assert_eq!(conversation_status(&s, &tok, &logged).await, 200);
+    assert_eq!(conversation_status(&s, &tok, &before).await, 200);
+    assert_eq!(conversation_status(&s, &tok, &after).await, 404);
+    let r: Value = s
+        .get(&format!("/api/characters/{character}"), Some(&tok))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["statistics"]["conversationCount"], 2, "{r}");
+    assert_eq!(r["statistics"]["messageCount"], 4, "{r}");
+
+    // After a clean stop the database file alone is complete: copied without its log.
+    let last = new_conversation(&s, &tok, &character, "before a clean stop").await;
+    assert!(s.terminate().success());
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fresh.path().join("taproom.redb"),
+        copy.path().join("taproom.redb"),
+    )
+    .unwrap();
+    let s = start(copy.path(), &fake).await;
+    assert_eq!(conversation_status(&s, &tok, &last).await, 200);
+    assert_eq!(conversation_status(&s, &tok, &logged).await, 200);
 }

@@ -4,22 +4,10 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::path::Path;
-use std::process::{Command, Output};
-use support::app::{admin_token, bin, expect_error, fixture, token, Options, TestServer, SECRET};
-
-/// Runs the binary with the test secret and no inherited config file.
-fn taproom(args: &[&str], data_dir: &Path) -> Output {
-    Command::new(bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("TAPROOM_CONFIG")
-        .env("TAPROOM_JWT_SECRET", SECRET)
-        .env("TAPROOM_LOG", "warn")
-        .output()
-        .expect("run taproom")
-}
+use std::process::Output;
+use support::app::{
+    admin_token, cli as taproom, expect_error, fixture, token, Options, TestServer, SECRET,
+};
 
 fn text(o: &Output) -> String {
     format!(

@@ -12,6 +12,7 @@ use super::{
     Store, StoreError, AVATARS, BY_GROUP, BY_OWNER, BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, META,
     OWNER_COUNTS, PUBLIC,
 };
+use crate::config::StoreConfig;
 use redb::{Database, Key, ReadTransaction, ReadableDatabase, TableDefinition, Value};
 use std::path::Path;
 
@@ -25,11 +26,10 @@ impl Store {
     }
 }
 
-/// Snapshots the database file at `src` (no server may hold it) into `dest`.
-pub fn snapshot_file(src: &Path, dest: &Path) -> Result<u64, StoreError> {
-    let db = Database::open(src)?;
-    let txn = db.begin_read()?;
-    copy_all(&txn, dest)
+/// Snapshots the database file at `src` (no server may hold it) into `dest`. Opening it as a
+/// store first applies what a crash left in its turn log.
+pub fn snapshot_file(src: &Path, config: &StoreConfig, dest: &Path) -> Result<u64, StoreError> {
+    Store::open(src, config)?.snapshot_to(dest)
 }
 
 /// Opens a backup file and returns its schema version; fails if it is not a Taproom database.
@@ -65,6 +65,14 @@ fn copy_all(src: &ReadTransaction, dest: &Path) -> Result<u64, StoreError> {
     let txn = out.begin_write()?;
     let mut rows = 0;
     rows += copy(src, &txn, META)?;
+    // The snapshot belongs to no turn log: the source's log must never be applied to it.
+    if txn
+        .open_table(META)?
+        .remove(super::conversations::TURN_LOG_KEY)?
+        .is_some()
+    {
+        rows -= 1;
+    }
     rows += copy(src, &txn, CHARACTERS)?;
     rows += copy(src, &txn, BY_OWNER)?;
     rows += copy(src, &txn, BY_OWNER_MODIFIED)?;

@@ -3,9 +3,11 @@
 //! transaction, and a moka cache keeps hot histories so a turn does not re-read them.
 
 use super::characters::parse_id;
-use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS};
+use super::group_commit::lock;
+use super::turn_log::{Record, TurnLog};
+use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS, META};
 use crate::model::{Character, Conversation, StoredMessage};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
@@ -40,8 +42,10 @@ pub struct CharacterStats {
 }
 
 /// One conversation change: the new record, the record it replaces (None for a new
-/// conversation), new or changed messages, removed seqs, and new turns for usageCount.
-#[derive(Debug, Clone)]
+/// conversation), new or changed messages, removed seqs, and new turns for usageCount. It is
+/// also what the turn log records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConversationChange {
     pub conversation: Conversation,
     pub previous: Option<Conversation>,
@@ -56,6 +60,14 @@ pub(crate) struct Queued {
     chid: u128,
     change: ConversationChange,
 }
+
+/// META key of the turn log's id and the sequence number of the last commit: 16 + 8 bytes.
+pub(crate) const TURN_LOG_KEY: &str = "turn_log";
+
+/// The committer checkpoints when it goes idle with this many changes in the log…
+const CHECKPOINT_CHANGES: usize = 256;
+/// …or this many bytes of log.
+const CHECKPOINT_BYTES: u64 = 1 << 20;
 
 fn lost() -> StoreError {
     StoreError::Task("the commit of this change did not finish".into())
@@ -153,7 +165,10 @@ impl Store {
             let store = self.clone();
             // If the runtime refuses the task, the committer is dropped and fails the queue.
             drop(tokio::task::spawn_blocking(move || {
-                committer.run(|batch| store.commit_changes(batch))
+                committer.run(
+                    |batch| store.commit_changes(batch),
+                    || store.checkpoint_if_due(),
+                )
             }));
         }
         done.await.unwrap_or_else(|_| Err(lost()))
@@ -162,115 +177,165 @@ impl Store {
     /// Commits a batch in one transaction; if that fails as a whole, commits each change on its
     /// own so one bad change cannot take the others down.
     fn commit_changes(&self, batch: Vec<Queued>) -> Vec<Result<Arc<History>, StoreError>> {
+        let mut log = lock(&self.turn_log);
         if batch.len() > 1 {
-            if let Ok(results) = self.commit_together(&batch) {
+            if let Ok(results) = self.commit_logged(&mut log, &batch) {
                 return results;
             }
         }
         batch
             .iter()
             .map(|q| {
-                self.commit_together(std::slice::from_ref(q))
+                self.commit_logged(&mut log, std::slice::from_ref(q))
                     .and_then(|mut r| r.pop().unwrap_or_else(|| Err(lost())))
             })
             .collect()
     }
 
-    /// One durable transaction for all of `batch`. The outer error fails the whole batch
+    /// Commits `batch` in one transaction and makes it durable: committed without a sync and
+    /// then recorded in the synced turn log, or, when the record does not fit in the log,
+    /// committed durably (which starts the log over). The outer error fails the whole batch
     /// (nothing was committed); inner errors are changes refused on their own (their character
-    /// is gone) while the rest committed.
+    /// is gone) or a commit that could not be made durable.
     #[allow(clippy::type_complexity)]
-    fn commit_together(
+    fn commit_logged(
         &self,
+        log: &mut TurnLog,
         batch: &[Queued],
     ) -> Result<Vec<Result<Arc<History>, StoreError>>, StoreError> {
+        let changes: Vec<&ConversationChange> = batch.iter().map(|q| &q.change).collect();
+        let record =
+            serde_json::to_vec(&changes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let logged = log.fits(record.len());
+        let lsn = log.last_lsn + 1;
+        let txn = self.write_with(if logged {
+            Durability::None
+        } else {
+            Durability::Immediate
+        })?;
+        let (accepted, characters) = apply_changes(&txn, batch)?;
+        set_log_position(&txn, log.id, lsn)?;
+        txn.commit()?;
+        log.last_lsn = lsn;
+        if !logged {
+            log.reset();
+        } else if let Err(e) = log.append(lsn, &record) {
+            // Committed but not yet durable: a durable commit makes it so, or the writers hear
+            // that it may not survive a crash. Retrying the changes would apply them twice.
+            tracing::warn!(error = %e, "turn log write failed; committing durably instead");
+            if let Err(e) = self.checkpoint(log) {
+                // The caches must not keep the older histories of conversations the database
+                // has moved past.
+                for q in batch {
+                    self.histories.invalidate(&q.cid);
+                    self.cache.invalidate(&q.chid);
+                }
+                return Ok(batch
+                    .iter()
+                    .map(|_| {
+                        Err(StoreError::Task(format!(
+                            "the commit could not be made durable: {e}"
+                        )))
+                    })
+                    .collect());
+            }
+        } else {
+            log.pending += batch.len();
+        }
+        Ok(self.publish(batch, accepted, characters))
+    }
+
+    /// A durable commit of the log position: everything logged so far is now durable in the
+    /// database, so the log starts over.
+    fn checkpoint(&self, log: &mut TurnLog) -> Result<(), StoreError> {
         let txn = self.write()?;
-        let mut accepted = Vec::with_capacity(batch.len());
-        // Characters and counters touched by several changes are read and written once.
-        let mut characters: HashMap<u128, Character> = HashMap::new();
-        let mut stats: HashMap<u128, CharacterStats> = HashMap::new();
-        {
-            let mut chars = txn.open_table(CHARACTERS)?;
-            let mut by_user = txn.open_table(CONV_BY_USER)?;
-            let mut by_character = txn.open_table(CONV_BY_CHARACTER)?;
-            let mut convs = txn.open_table(CONVERSATIONS)?;
-            let mut msgs = txn.open_table(MESSAGES)?;
-            let mut stats_table = txn.open_table(CHARACTER_STATS)?;
-            for q in batch {
-                let Queued { cid, chid, change } = q;
-                let (cid, chid) = (*cid, *chid);
-                // The character must still exist: a conversation never outlives it.
-                if chars.get(chid)?.is_none() {
-                    accepted.push(false);
-                    continue;
-                }
-                accepted.push(true);
-                let conversation = &change.conversation;
-                if let Some(prev) = &change.previous {
-                    by_user.remove((prev.user_id.as_str(), chid, ms(&prev.last_activity), cid))?;
-                }
-                by_user.insert(
-                    (
-                        conversation.user_id.as_str(),
-                        chid,
-                        ms(&conversation.last_activity),
-                        cid,
-                    ),
-                    (),
-                )?;
-                let existed = convs
-                    .insert(cid, encode_record(conversation)?.as_slice())?
-                    .is_some();
-                // Its character-index key never changes: rewriting it would only dirty pages
-                // that the commit then has to write and sync.
-                if !existed {
-                    by_character.insert((chid, cid), ())?;
-                }
-                let mut new_messages = 0u64;
-                for m in &change.upserts {
-                    let existed = msgs
-                        .insert((cid, m.seq), encode_record(m)?.as_slice())?
-                        .is_some();
-                    new_messages += u64::from(!existed);
-                }
-                let mut removed_count = 0u64;
-                for seq in &change.removed {
-                    removed_count += u64::from(msgs.remove((cid, *seq))?.is_some());
-                }
-                let s = match stats.entry(chid) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(match stats_table.get(chid)? {
-                        Some(raw) => decode_record(raw.value())?,
-                        None => CharacterStats::default(),
-                    }),
-                };
-                s.conversation_count += u64::from(change.previous.is_none());
-                s.message_count = (s.message_count + new_messages).saturating_sub(removed_count);
-                s.last_used_ms = Some(ms(&conversation.last_activity));
-                if change.usage_delta > 0 {
-                    let c = match characters.entry(chid) {
-                        Entry::Occupied(e) => e.into_mut(),
-                        Entry::Vacant(e) => match chars.get(chid)? {
-                            Some(raw) => e.insert(decode_record(raw.value())?),
-                            None => return Err(StoreError::NotFound(conversation.id.clone())),
-                        },
-                    };
-                    c.usage_count += change.usage_delta;
-                }
-            }
-            for (chid, s) in &stats {
-                stats_table.insert(*chid, encode_record(s)?.as_slice())?;
-            }
-            for (chid, c) in &characters {
-                super::characters::rewrite_summary(&txn, *chid, c)?;
-                chars.insert(*chid, encode_record(c)?.as_slice())?;
+        set_log_position(&txn, log.id, log.last_lsn)?;
+        txn.commit()?;
+        log.reset();
+        Ok(())
+    }
+
+    /// Makes every logged turn durable in the database itself and starts the log over, so the
+    /// database file alone is complete (the server calls it when it shuts down).
+    pub fn checkpoint_turns(&self) -> Result<(), StoreError> {
+        let mut log = lock(&self.turn_log);
+        if log.pending == 0 {
+            return Ok(());
+        }
+        self.checkpoint(&mut log)
+    }
+
+    /// Checkpoints once enough is logged; the committer calls it when its queue empties, after
+    /// answering the writers, so the durable commit's sync is off their path.
+    fn checkpoint_if_due(&self) {
+        let mut log = lock(&self.turn_log);
+        if log.pending >= CHECKPOINT_CHANGES || log.used() >= CHECKPOINT_BYTES {
+            if let Err(e) = self.checkpoint(&mut log) {
+                tracing::warn!(error = %e, "turn log checkpoint failed; the log keeps the turns");
             }
         }
+    }
+
+    /// Applies the records a crash left in the turn log past the database's last durable
+    /// commit, in order, in one durable commit; then the log starts over. A log from another
+    /// database (its id differs from the one stored here) is not applied.
+    pub(crate) fn replay_turn_log(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        let mut log = lock(&self.turn_log);
+        let txn = self.write()?;
+        let stored = log_position(&txn)?;
+        let from = match stored {
+            Some((id, lsn)) if id == log.id => lsn,
+            _ => u64::MAX,
+        };
+        let mut applied = 0usize;
+        for r in records.iter().filter(|r| r.lsn > from) {
+            let changes: Vec<ConversationChange> =
+                serde_json::from_slice(&r.payload).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "turn log record {}: {e}; move the .turns file aside to open the \
+                         database without it",
+                        r.lsn
+                    ))
+                })?;
+            let mut batch = Vec::with_capacity(changes.len());
+            for change in changes {
+                let (Some(cid), Some(chid)) = (
+                    parse_id(&change.conversation.id),
+                    parse_id(&change.conversation.character_id),
+                ) else {
+                    continue;
+                };
+                batch.push(Queued { cid, chid, change });
+            }
+            apply_changes(&txn, &batch)?;
+            applied += batch.len();
+        }
+        if let Some((_, lsn)) = stored {
+            log.last_lsn = log.last_lsn.max(lsn);
+        }
+        set_log_position(&txn, log.id, log.last_lsn)?;
         txn.commit()?;
+        log.reset();
+        if applied > 0 {
+            tracing::info!(
+                changes = applied,
+                "applied conversation changes from the turn log"
+            );
+        }
+        Ok(())
+    }
+
+    /// Updates the caches after a commit and returns each change's history.
+    fn publish(
+        &self,
+        batch: &[Queued],
+        accepted: Vec<bool>,
+        characters: HashMap<u128, Character>,
+    ) -> Vec<Result<Arc<History>, StoreError>> {
         for (chid, c) in characters {
             self.cache.insert(chid, Cached::Live(Arc::new(c)));
         }
-        Ok(batch
+        batch
             .iter()
             .zip(accepted)
             .map(|(q, ok)| {
@@ -282,7 +347,7 @@ impl Store {
                     ))
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// Replaces the cached history of a committed change: the previous one plus the changes.
@@ -539,6 +604,127 @@ pub(crate) fn delete_character_conversations(
     }
     txn.open_table(CHARACTER_STATS)?.remove(chid)?;
     Ok(ids)
+}
+
+/// Writes `batch` into `txn`: for each change whether it was accepted (its character still
+/// exists), and the characters whose usage counter changed (for the cache).
+#[allow(clippy::type_complexity)]
+fn apply_changes(
+    txn: &WriteTransaction,
+    batch: &[Queued],
+) -> Result<(Vec<bool>, HashMap<u128, Character>), StoreError> {
+    let mut accepted = Vec::with_capacity(batch.len());
+    // Characters and counters touched by several changes are read and written once.
+    let mut characters: HashMap<u128, Character> = HashMap::new();
+    let mut stats: HashMap<u128, CharacterStats> = HashMap::new();
+    {
+        let mut chars = txn.open_table(CHARACTERS)?;
+        let mut by_user = txn.open_table(CONV_BY_USER)?;
+        let mut by_character = txn.open_table(CONV_BY_CHARACTER)?;
+        let mut convs = txn.open_table(CONVERSATIONS)?;
+        let mut msgs = txn.open_table(MESSAGES)?;
+        let mut stats_table = txn.open_table(CHARACTER_STATS)?;
+        for q in batch {
+            let Queued { cid, chid, change } = q;
+            let (cid, chid) = (*cid, *chid);
+            // The character must still exist: a conversation never outlives it.
+            if chars.get(chid)?.is_none() {
+                accepted.push(false);
+                continue;
+            }
+            accepted.push(true);
+            let conversation = &change.conversation;
+            if let Some(prev) = &change.previous {
+                by_user.remove((prev.user_id.as_str(), chid, ms(&prev.last_activity), cid))?;
+            }
+            by_user.insert(
+                (
+                    conversation.user_id.as_str(),
+                    chid,
+                    ms(&conversation.last_activity),
+                    cid,
+                ),
+                (),
+            )?;
+            let existed = convs
+                .insert(cid, encode_record(conversation)?.as_slice())?
+                .is_some();
+            // Its character-index key never changes: rewriting it would only dirty pages
+            // that the commit then has to write and sync.
+            if !existed {
+                by_character.insert((chid, cid), ())?;
+            }
+            let mut new_messages = 0u64;
+            for m in &change.upserts {
+                let existed = msgs
+                    .insert((cid, m.seq), encode_record(m)?.as_slice())?
+                    .is_some();
+                new_messages += u64::from(!existed);
+            }
+            let mut removed_count = 0u64;
+            for seq in &change.removed {
+                removed_count += u64::from(msgs.remove((cid, *seq))?.is_some());
+            }
+            let s = match stats.entry(chid) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(match stats_table.get(chid)? {
+                    Some(raw) => decode_record(raw.value())?,
+                    None => CharacterStats::default(),
+                }),
+            };
+            s.conversation_count += u64::from(change.previous.is_none());
+            s.message_count = (s.message_count + new_messages).saturating_sub(removed_count);
+            s.last_used_ms = Some(ms(&conversation.last_activity));
+            if change.usage_delta > 0 {
+                let c = match characters.entry(chid) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => match chars.get(chid)? {
+                        Some(raw) => e.insert(decode_record(raw.value())?),
+                        None => return Err(StoreError::NotFound(conversation.id.clone())),
+                    },
+                };
+                c.usage_count += change.usage_delta;
+            }
+        }
+        for (chid, s) in &stats {
+            stats_table.insert(*chid, encode_record(s)?.as_slice())?;
+        }
+        for (chid, c) in &characters {
+            super::characters::rewrite_summary(txn, *chid, c)?;
+            chars.insert(*chid, encode_record(c)?.as_slice())?;
+        }
+    }
+    Ok((accepted, characters))
+}
+
+/// Records in `txn` which turn log the database follows and the last commit's sequence number.
+fn set_log_position(txn: &WriteTransaction, id: u128, lsn: u64) -> Result<(), StoreError> {
+    let mut value = [0u8; 24];
+    value[..16].copy_from_slice(&id.to_le_bytes());
+    value[16..].copy_from_slice(&lsn.to_le_bytes());
+    txn.open_table(META)?
+        .insert(TURN_LOG_KEY, value.as_slice())?;
+    Ok(())
+}
+
+/// The turn log id and sequence number `set_log_position` stored, if any.
+fn log_position(txn: &WriteTransaction) -> Result<Option<(u128, u64)>, StoreError> {
+    let meta = txn.open_table(META)?;
+    let Some(raw) = meta.get(TURN_LOG_KEY)? else {
+        return Ok(None);
+    };
+    let v = raw.value();
+    let (Some(id), Some(lsn)) = (v.get(..16), v.get(16..24)) else {
+        return Ok(None);
+    };
+    let mut id_bytes = [0u8; 16];
+    id_bytes.copy_from_slice(id);
+    let mut lsn_bytes = [0u8; 8];
+    lsn_bytes.copy_from_slice(lsn);
+    Ok(Some((
+        u128::from_le_bytes(id_bytes),
+        u64::from_le_bytes(lsn_bytes),
+    )))
 }
 
 #[cfg(test)]

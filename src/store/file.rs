@@ -41,18 +41,21 @@ struct Extent {
 }
 
 impl FilledFile {
-    /// Opens (or creates) the file the way `redb::Builder::create` does.
-    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+    /// Opens (or creates) the file the way `redb::Builder::create` does; a file another
+    /// process holds is `DatabaseAlreadyOpen`, as from redb itself.
+    pub(crate) fn open(path: &Path) -> Result<Self, redb::DatabaseError> {
+        let io = |e: io::Error| redb::DatabaseError::Storage(e.into());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)?;
+            .open(path)
+            .map_err(io)?;
         // What is already in the file is taken as allocated: holes an earlier run left there
         // are only slower to write, not wrong.
-        let len = file.metadata()?.len();
-        let inner = FileBackend::new(file).map_err(io::Error::other)?;
+        let len = file.metadata().map_err(io)?.len();
+        let inner = FileBackend::new(file)?;
         Ok(Self {
             inner,
             extent: Mutex::new(Extent { len, filled: len }),

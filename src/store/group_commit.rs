@@ -72,17 +72,30 @@ impl<C, R> GroupCommit<C, R> {
 impl<C, R> Committer<C, R> {
     /// Commits batches in arrival order until the queue is empty. `commit` must return one
     /// result per change, in order; a change left without a result sees its receiver closed.
-    pub(crate) fn run(mut self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
+    /// `idle` runs once each time the queue empties, after the batch's writers were answered
+    /// (the store checkpoints its turn log there); changes queued meanwhile are committed next.
+    pub(crate) fn run(mut self, mut commit: impl FnMut(Vec<C>) -> Vec<R>, mut idle: impl FnMut()) {
+        let mut idled = false;
         loop {
             let batch = {
                 let mut q = lock(&self.group.queue);
                 if q.pending.is_empty() {
-                    q.committing = false;
-                    self.finished = true;
-                    break;
+                    if idled {
+                        q.committing = false;
+                        self.finished = true;
+                        break;
+                    }
+                    None
+                } else {
+                    Some(std::mem::take(&mut q.pending))
                 }
-                std::mem::take(&mut q.pending)
             };
+            let Some(batch) = batch else {
+                idled = true;
+                idle();
+                continue;
+            };
+            idled = false;
             let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
             for (result, sender) in commit(changes).into_iter().zip(senders) {
                 // The writer may have gone away (its request was cancelled); the change is
@@ -126,15 +139,18 @@ mod tests {
         if let Some(committer) = committer {
             let commits = commits.clone();
             tokio::task::spawn_blocking(move || {
-                committer.run(|batch| {
-                    commits.fetch_add(1, Ordering::SeqCst);
-                    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
-                    MOST_RUNNING.fetch_max(now, Ordering::SeqCst);
-                    // A slow "fsync" so that others queue up behind it.
-                    std::thread::sleep(Duration::from_millis(20));
-                    RUNNING.fetch_sub(1, Ordering::SeqCst);
-                    batch.iter().map(|x| x + 1000).collect()
-                })
+                committer.run(
+                    |batch| {
+                        commits.fetch_add(1, Ordering::SeqCst);
+                        let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+                        MOST_RUNNING.fetch_max(now, Ordering::SeqCst);
+                        // A slow "fsync" so that others queue up behind it.
+                        std::thread::sleep(Duration::from_millis(20));
+                        RUNNING.fetch_sub(1, Ordering::SeqCst);
+                        batch.iter().map(|x| x + 1000).collect()
+                    },
+                    || {},
+                )
             });
         }
         rx.await.ok()
@@ -146,7 +162,7 @@ mod tests {
         let (rx, committer) = g.enqueue(7);
         committer
             .expect("the first writer starts the committer")
-            .run(|batch| batch.iter().map(|x| x * 2).collect());
+            .run(|batch| batch.iter().map(|x| x * 2).collect(), || {});
         assert_eq!(rx.await.ok(), Some(14));
         let (_rx, committer) = g.enqueue(8);
         assert!(committer.is_some(), "an idle queue starts a new committer");
@@ -172,10 +188,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_runs_after_the_writers_are_answered_and_changes_queued_meanwhile_commit() {
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let (rx1, committer) = g.enqueue(1);
+        let mut idles = 0;
+        let mut late = None;
+        committer.expect("committer").run(
+            |batch| batch,
+            || {
+                idles += 1;
+                if idles == 1 {
+                    // A writer arriving while the committer checkpoints joins its queue.
+                    let (rx, none) = g.enqueue(2);
+                    assert!(none.is_none(), "the running committer takes it");
+                    late = Some(rx);
+                }
+            },
+        );
+        assert_eq!(rx1.await.ok(), Some(1));
+        assert_eq!(late.expect("queued").await.ok(), Some(2));
+        assert_eq!(idles, 2, "once after each batch that emptied the queue");
+    }
+
+    #[tokio::test]
     async fn a_short_result_list_closes_the_waiter_instead_of_hanging() {
         let g = Arc::new(GroupCommit::<u32, u32>::default());
         let (rx, committer) = g.enqueue(1);
-        committer.expect("committer").run(|_| Vec::new());
+        committer.expect("committer").run(|_| Vec::new(), || {});
         assert!(rx.await.is_err());
     }
 
@@ -189,7 +228,7 @@ mod tests {
         assert!(rx1.await.is_err());
         assert!(rx2.await.is_err());
         let (rx3, committer) = g.enqueue(3);
-        committer.expect("a new committer").run(|b| b);
+        committer.expect("a new committer").run(|b| b, || {});
         assert_eq!(rx3.await.ok(), Some(3));
     }
 
@@ -205,7 +244,7 @@ mod tests {
                     for i in 0..300 {
                         let (rx, committer) = g.enqueue(i);
                         if let Some(committer) = committer {
-                            tokio::task::spawn_blocking(move || committer.run(|b| b));
+                            tokio::task::spawn_blocking(move || committer.run(|b| b, || {}));
                         }
                         if rx.await != Ok(i) {
                             return false;

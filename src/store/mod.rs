@@ -2,8 +2,9 @@
 //! version byte so the schema can migrate, index tables so listing one user's characters never
 //! deserializes the whole file, and a moka cache of characters in front.
 //!
-//! Every write commits with `Durability::Immediate` before the call returns, so an acknowledged
-//! write survives a crash.
+//! Every write is durable before the call returns, so an acknowledged write survives a crash:
+//! most commit with `Durability::Immediate`; conversation turns commit without a sync and are
+//! made durable by the turn log (`turn_log.rs`), which a later durable commit checkpoints.
 
 mod backup;
 mod characters;
@@ -13,6 +14,7 @@ mod group_commit;
 mod memory;
 mod plugins;
 mod summary;
+mod turn_log;
 
 pub use backup::{check_backup, snapshot_file};
 pub use characters::{
@@ -138,6 +140,9 @@ pub struct StoreInner {
     /// Per-character statistics as of a store generation, so reading a character's detail
     /// does not open a read transaction while nothing is written.
     stats: Cache<u128, (u64, conversations::CharacterStats)>,
+    /// The log that makes turn commits durable, and its position; held by whoever commits
+    /// turns or checkpoints.
+    turn_log: std::sync::Mutex<turn_log::TurnLog>,
     /// Conversation saves waiting to share a durable commit.
     turns: Arc<
         group_commit::GroupCommit<
@@ -159,6 +164,15 @@ pub(crate) enum RowsKey {
 pub(crate) struct SummaryRows {
     pub generation: u64,
     pub rows: Vec<(u128, Box<[u8]>)>,
+}
+
+/// Size of the turn log file; a batch that does not fit is committed durably instead, which
+/// starts the log over.
+const TURN_LOG_BYTES: u64 = 4 << 20;
+
+/// The turn log beside the database file: `taproom.redb` → `taproom.turns`.
+pub fn turn_log_path(db: &Path) -> std::path::PathBuf {
+    db.with_extension("turns")
 }
 
 /// Upper bound on the memory held by cached summary rows.
@@ -211,7 +225,11 @@ impl Store {
         }
         let page_cache =
             usize::try_from(config.page_cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        let file = file::FilledFile::open(path).map_err(redb::StorageError::from)?;
+        let file = file::FilledFile::open(path)?;
+        let (log, logged) =
+            turn_log::TurnLog::open(&turn_log_path(path), TURN_LOG_BYTES).map_err(|e| {
+                StoreError::Corrupt(format!("turn log {}: {e}", turn_log_path(path).display()))
+            })?;
         let db = Database::builder()
             .set_cache_size(page_cache)
             .create_with_backend(file)?;
@@ -232,16 +250,23 @@ impl Store {
                 .build(),
             generation: Arc::default(),
             stats: Cache::builder().max_capacity(cache_capacity).build(),
+            turn_log: std::sync::Mutex::new(log),
             turns: Default::default(),
         }));
         store.init_schema()?;
+        store.replay_turn_log(logged)?;
         Ok(store)
     }
 
     /// A durable write transaction (committed with `Durability::Immediate`).
     pub(crate) fn write(&self) -> Result<Write, StoreError> {
+        self.write_with(Durability::Immediate)
+    }
+
+    /// A write transaction committed with `durability`.
+    pub(crate) fn write_with(&self, durability: Durability) -> Result<Write, StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+        txn.set_durability(durability)?;
         Ok(Write {
             txn,
             generation: self.generation.clone(),

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -315,4 +315,17 @@ pub async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Valu
         "requestId must match x-request-id"
     );
     v
+}
+
+/// Runs a `taproom` CLI command on `data_dir` with the test secret and no inherited config.
+pub fn cli(args: &[&str], data_dir: &Path) -> Output {
+    Command::new(bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("TAPROOM_CONFIG")
+        .env("TAPROOM_JWT_SECRET", SECRET)
+        .env("TAPROOM_LOG", "warn")
+        .output()
+        .expect("run taproom")
 }
