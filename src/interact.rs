@@ -372,6 +372,7 @@ impl InteractService {
                 user,
                 &character,
                 &conversation,
+                previous.is_some(),
                 &messages,
                 input.params.dry_run,
             )
@@ -463,6 +464,7 @@ impl InteractService {
         user: &User,
         character: &Character,
         conversation: &Conversation,
+        stored: bool,
         messages: &[Arc<StoredMessage>],
         dry_run: bool,
     ) -> Result<(Option<MemoryBlock>, Vec<crate::memory::RecalledMemory>), ApiError> {
@@ -475,7 +477,8 @@ impl InteractService {
         let query = query.join("\n");
         let cfg = self.memory.config();
         let (budget, top_k) = (cfg.budget_tokens, cfg.recall_top_k);
-        let cid = (conversation.message_count > 0).then_some(conversation.id.as_str());
+        // A conversation this turn starts has no rolling summary to read yet.
+        let cid = stored.then_some(conversation.id.as_str());
         let recall = if dry_run {
             self.memory
                 .recall_preview(user, character, cid, &query, budget, top_k)
@@ -521,7 +524,14 @@ impl InteractService {
         let mut conversation = h.conversation.clone();
         conversation.last_activity = crate::time::now_rfc3339();
         let (memory, recalled) = self
-            .recall(user, &character, &conversation, earlier, params.dry_run)
+            .recall(
+                user,
+                &character,
+                &conversation,
+                true,
+                earlier,
+                params.dry_run,
+            )
             .await?;
         let prompt = self.assemble(
             &character,

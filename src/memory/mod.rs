@@ -882,7 +882,9 @@ impl MemoryService {
         history: &[Arc<StoredMessage>],
     ) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.inner.config.summarize_every_turns;
-        if every == 0 {
+        // Each user turn is a message: a shorter history cannot be due, whatever the stored
+        // state says, so most turns skip reading it.
+        if every == 0 || history.len() < every as usize {
             return None;
         }
         let key = store::parse_id(&character.id)?;

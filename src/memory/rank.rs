@@ -188,6 +188,10 @@ impl MemoryIndex {
         now_ms: i64,
         keep: usize,
     ) -> (Vec<Ranked>, usize) {
+        if self.entries.is_empty() {
+            // Most characters have no memories yet: skip tokenizing the query for nothing.
+            return (Vec::new(), 0);
+        }
         let matches = self.search(query);
         let max = matches
             .iter()
