@@ -307,6 +307,7 @@ impl Store {
         }
         txn.commit()?;
         self.cache.insert(id, Cached::Gone);
+        self.bindings_changed();
         for cid in removed_conversations {
             self.histories.invalidate(&cid);
         }

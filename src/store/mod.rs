@@ -140,6 +140,10 @@ pub struct StoreInner {
     /// Per-character statistics as of a store generation, so reading a character's detail
     /// does not open a read transaction while nothing is written.
     stats: Cache<u128, (u64, conversations::CharacterStats)>,
+    /// Plugin bindings per character as of a bindings generation, so a turn does not open a
+    /// read transaction for them; the generation moves on every change to any binding.
+    bindings: Cache<u128, (u64, Arc<Vec<PluginBindingRecord>>)>,
+    bindings_generation: AtomicU64,
     /// The log that makes turn commits durable, and its position; held by whoever commits
     /// turns or checkpoints.
     turn_log: std::sync::Mutex<turn_log::TurnLog>,
@@ -250,6 +254,8 @@ impl Store {
                 .build(),
             generation: Arc::default(),
             stats: Cache::builder().max_capacity(cache_capacity).build(),
+            bindings: Cache::builder().max_capacity(cache_capacity).build(),
+            bindings_generation: AtomicU64::new(0),
             turn_log: std::sync::Mutex::new(log),
             turns: Default::default(),
         }));

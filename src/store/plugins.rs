@@ -3,6 +3,8 @@
 use super::{decode_record, encode_record, Store, StoreError};
 use redb::{Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// character id → the character's plugin bindings.
 pub(crate) const PLUGIN_BINDINGS: TableDefinition<u128, &[u8]> =
@@ -26,12 +28,28 @@ fn enabled_default() -> bool {
 impl Store {
     /// A character's plugin bindings, in call order.
     pub fn plugin_bindings(&self, character: u128) -> Result<Vec<PluginBindingRecord>, StoreError> {
+        // Read before the transaction: a change committed meanwhile moves it on, and the
+        // entry stored below is then never served.
+        let generation = self.bindings_generation.load(Ordering::Acquire);
+        if let Some((g, cached)) = self.bindings.get(&character) {
+            if g == generation {
+                return Ok(cached.as_ref().clone());
+            }
+        }
         let txn = self.db.begin_read()?;
         let t = txn.open_table(PLUGIN_BINDINGS)?;
-        match t.get(character)? {
-            Some(raw) => decode_record(raw.value()),
-            None => Ok(Vec::new()),
-        }
+        let bindings: Vec<PluginBindingRecord> = match t.get(character)? {
+            Some(raw) => decode_record(raw.value())?,
+            None => Vec::new(),
+        };
+        self.bindings
+            .insert(character, (generation, Arc::new(bindings.clone())));
+        Ok(bindings)
+    }
+
+    /// Marks every cached binding list stale (after a commit that changed bindings).
+    pub(crate) fn bindings_changed(&self) {
+        self.bindings_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Replaces a character's plugin bindings.
@@ -51,6 +69,40 @@ impl Store {
             }
         }
         txn.commit()?;
+        self.bindings_changed();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(name: &str) -> PluginBindingRecord {
+        PluginBindingRecord {
+            name: name.into(),
+            config: serde_json::Value::Null,
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn cached_bindings_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb"), &Default::default()).unwrap();
+        assert!(store.plugin_bindings(7).unwrap().is_empty());
+        store.set_plugin_bindings(7, &[binding("a")]).unwrap();
+        assert_eq!(store.plugin_bindings(7).unwrap(), vec![binding("a")]);
+        // Served from the cache now; a change must still show at once.
+        assert_eq!(store.plugin_bindings(7).unwrap(), vec![binding("a")]);
+        store
+            .set_plugin_bindings(7, &[binding("b"), binding("a")])
+            .unwrap();
+        assert_eq!(
+            store.plugin_bindings(7).unwrap(),
+            vec![binding("b"), binding("a")]
+        );
+        store.set_plugin_bindings(7, &[]).unwrap();
+        assert!(store.plugin_bindings(7).unwrap().is_empty());
     }
 }
