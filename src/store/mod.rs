@@ -142,7 +142,7 @@ pub struct StoreInner {
     stats: Cache<u128, (u64, conversations::CharacterStats)>,
     /// Plugin bindings per character as of a bindings generation, so a turn does not open a
     /// read transaction for them; the generation moves on every change to any binding.
-    bindings: Cache<u128, (u64, Arc<Vec<PluginBindingRecord>>)>,
+    bindings: std::sync::Mutex<plugins::CachedBindings>,
     bindings_generation: AtomicU64,
     /// The log that makes turn commits durable, and its position; held by whoever commits
     /// turns or checkpoints.
@@ -175,7 +175,7 @@ pub(crate) struct SummaryRows {
 const TURN_LOG_BYTES: u64 = 4 << 20;
 
 /// The turn log beside the database file: `taproom.redb` → `taproom.turns`.
-pub fn turn_log_path(db: &Path) -> std::path::PathBuf {
+fn turn_log_path(db: &Path) -> std::path::PathBuf {
     db.with_extension("turns")
 }
 
@@ -254,7 +254,7 @@ impl Store {
                 .build(),
             generation: Arc::default(),
             stats: Cache::builder().max_capacity(cache_capacity).build(),
-            bindings: Cache::builder().max_capacity(cache_capacity).build(),
+            bindings: std::sync::Mutex::default(),
             bindings_generation: AtomicU64::new(0),
             turn_log: std::sync::Mutex::new(log),
             turns: Default::default(),

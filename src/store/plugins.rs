@@ -1,14 +1,21 @@
 //! Which plugins each character uses, in order, with their per-character config.
 
+use super::group_commit::lock;
 use super::{decode_record, encode_record, Store, StoreError};
 use redb::{Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// character id → the character's plugin bindings.
 pub(crate) const PLUGIN_BINDINGS: TableDefinition<u128, &[u8]> =
     TableDefinition::new("plugin_bindings");
+
+/// Binding lists by character, each with the bindings generation it was read at.
+pub(crate) type CachedBindings = HashMap<u128, (u64, Vec<PluginBindingRecord>)>;
+
+/// Characters whose binding lists are kept before the map starts over; bounds memory only.
+const BINDINGS_CACHED: usize = 4096;
 
 /// One plugin attached to a character.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -31,9 +38,9 @@ impl Store {
         // Read before the transaction: a change committed meanwhile moves it on, and the
         // entry stored below is then never served.
         let generation = self.bindings_generation.load(Ordering::Acquire);
-        if let Some((g, cached)) = self.bindings.get(&character) {
-            if g == generation {
-                return Ok(cached.as_ref().clone());
+        if let Some((g, cached)) = lock(&self.bindings).get(&character) {
+            if *g == generation {
+                return Ok(cached.clone());
             }
         }
         let txn = self.db.begin_read()?;
@@ -42,8 +49,11 @@ impl Store {
             Some(raw) => decode_record(raw.value())?,
             None => Vec::new(),
         };
-        self.bindings
-            .insert(character, (generation, Arc::new(bindings.clone())));
+        let mut cached = lock(&self.bindings);
+        if cached.len() >= BINDINGS_CACHED {
+            cached.clear();
+        }
+        cached.insert(character, (generation, bindings.clone()));
         Ok(bindings)
     }
 
