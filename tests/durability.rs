@@ -380,6 +380,17 @@ async fn new_conversation(s: &TestServer, tok: &str, character: &str, message: &
     v["conversationId"].as_str().unwrap().to_string()
 }
 
+/// The `statistics` of GET /api/characters/{id}.
+async fn character_statistics(s: &TestServer, tok: &str, character: &str) -> Value {
+    let v: Value = s
+        .get(&format!("/api/characters/{character}"), Some(tok))
+        .await
+        .json()
+        .await
+        .unwrap();
+    v["statistics"].clone()
+}
+
 /// Status of GET /api/conversations/{cid}.
 async fn conversation_status(s: &TestServer, tok: &str, cid: &str) -> u16 {
     s.get(&format!("/api/conversations/{cid}"), Some(tok))
@@ -433,13 +444,8 @@ async fn the_turn_log_reaches_offline_backups_but_never_a_restored_one() {
     let s = start(data.path(), &fake).await;
     assert_eq!(conversation_status(&s, &tok, &before).await, 200);
     assert_eq!(conversation_status(&s, &tok, &after).await, 404);
-    let r: Value = s
-        .get(&format!("/api/characters/{character}"), Some(&tok))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["statistics"]["conversationCount"], 1, "{r}");
+    let r = character_statistics(&s, &tok, &character).await;
+    assert_eq!(r["conversationCount"], 1, "{r}");
 
     // A turn after the restore, then a crash: an offline backup applies the log first.
     let logged = new_conversation(&s, &tok, &character, "only in the log").await;
@@ -454,14 +460,9 @@ async fn the_turn_log_reaches_offline_backups_but_never_a_restored_one() {
     assert_eq!(conversation_status(&s, &tok, &logged).await, 200);
     assert_eq!(conversation_status(&s, &tok, &before).await, 200);
     assert_eq!(conversation_status(&s, &tok, &after).await, 404);
-    let r: Value = s
-        .get(&format!("/api/characters/{character}"), Some(&tok))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["statistics"]["conversationCount"], 2, "{r}");
-    assert_eq!(r["statistics"]["messageCount"], 4, "{r}");
+    let r = character_statistics(&s, &tok, &character).await;
+    assert_eq!(r["conversationCount"], 2, "{r}");
+    assert_eq!(r["messageCount"], 4, "{r}");
 
     // After a clean stop the database file alone is complete: copied without its log.
     let last = new_conversation(&s, &tok, &character, "before a clean stop").await;

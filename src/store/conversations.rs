@@ -278,7 +278,7 @@ impl Store {
 
     /// Applies the records a crash left in the turn log past the database's last durable
     /// commit, in order, in one durable commit; then the log starts over. A log from another
-    /// database (its id differs from the one stored here) is not applied.
+    /// database (its id differs from the one stored here) is not applied, and gets a new id.
     pub(crate) fn replay_turn_log(&self, records: Vec<Record>) -> Result<(), StoreError> {
         let mut log = lock(&self.turn_log);
         let txn = self.write()?;
@@ -312,6 +312,10 @@ impl Store {
         }
         if let Some((_, lsn)) = stored {
             log.last_lsn = log.last_lsn.max(lsn);
+        }
+        if from == u64::MAX {
+            log.renew()
+                .map_err(|e| StoreError::Corrupt(format!("turn log: {e}")))?;
         }
         set_log_position(&txn, log.id, log.last_lsn)?;
         txn.commit()?;

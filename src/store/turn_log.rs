@@ -121,6 +121,18 @@ impl TurnLog {
         Ok(())
     }
 
+    /// Gives the log a new id (durably) and starts it over: for a database that follows no
+    /// log or another one, so that a database file swapped in later (an older copy that
+    /// followed the old id) never gets this log's records.
+    pub fn renew(&mut self) -> io::Result<()> {
+        let id = rand::random::<u128>();
+        self.file.write_all_at(&id.to_le_bytes(), 16)?;
+        self.file.sync_data()?;
+        self.id = id;
+        self.reset();
+        Ok(())
+    }
+
     /// Starts over after a checkpoint: every record so far is durable in the database.
     pub fn reset(&mut self) {
         self.end = HEADER;
@@ -251,6 +263,27 @@ mod tests {
             found,
             vec![Record {
                 lsn: 6,
+                payload: b"new".to_vec()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_renewed_log_has_a_new_id_and_no_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _) = reopen(&path);
+        log.append(1, b"old").unwrap();
+        let old = log.id;
+        log.renew().unwrap();
+        log.append(2, b"new").unwrap();
+        drop(log);
+        let (log, found) = reopen(&path);
+        assert_ne!(log.id, old);
+        assert_eq!(
+            found,
+            vec![Record {
+                lsn: 2,
                 payload: b"new".to_vec()
             }]
         );
