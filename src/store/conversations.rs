@@ -313,12 +313,17 @@ impl Store {
         if let Some((_, lsn)) = stored {
             log.last_lsn = log.last_lsn.max(lsn);
         }
-        if from == u64::MAX {
+        let renew = from == u64::MAX;
+        if renew {
             log.renew()
                 .map_err(|e| StoreError::Corrupt(format!("turn log: {e}")))?;
         }
-        set_log_position(&txn, log.id, log.last_lsn)?;
-        txn.commit()?;
+        // With nothing applied and the same log, the stored position already covers every
+        // record: no commit (and no sync) at start-up.
+        if renew || records.iter().any(|r| r.lsn > from) {
+            set_log_position(&txn, log.id, log.last_lsn)?;
+            txn.commit()?;
+        }
         log.reset();
         if applied > 0 {
             tracing::info!(

@@ -56,27 +56,24 @@ impl TurnLog {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let mut header = [0u8; HEADER as usize];
-        let len = file.metadata()?.len();
-        let id = if len >= HEADER && {
-            file.read_exact_at(&mut header, 0)?;
-            &header[..16] == MAGIC
-        } {
-            u128::from_le_bytes(header[16..32].try_into().unwrap_or_default())
-        } else {
-            // New (or not a log at all): a fresh id, then the header made durable with the
-            // file's directory entry.
-            let id = rand::random::<u128>();
-            header[..16].copy_from_slice(MAGIC);
-            header[16..].copy_from_slice(&id.to_le_bytes());
-            file.set_len(0)?;
-            file.write_all_at(&header, 0)?;
-            fill(&file, HEADER, capacity)?;
-            file.sync_all()?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
+        let id = match stored_id(&file)? {
+            Some(id) => id,
+            None => {
+                // New (or not a log at all): a fresh id, then the header made durable with
+                // the file's directory entry.
+                let id = rand::random::<u128>();
+                let mut header = [0u8; HEADER as usize];
+                header[..16].copy_from_slice(MAGIC);
+                header[16..].copy_from_slice(&id.to_le_bytes());
+                file.set_len(0)?;
+                file.write_all_at(&header, 0)?;
+                fill(&file, HEADER, capacity)?;
+                file.sync_all()?;
+                if let Some(dir) = path.parent() {
+                    File::open(dir)?.sync_all()?;
+                }
+                id
             }
-            id
         };
         let len = file.metadata()?.len();
         let capacity = capacity.max(len);
@@ -138,6 +135,21 @@ impl TurnLog {
         self.end = HEADER;
         self.pending = 0;
     }
+}
+
+/// The id in the file's header, or `None` when it has no valid header.
+fn stored_id(file: &File) -> io::Result<Option<u128>> {
+    let mut header = [0u8; HEADER as usize];
+    if file.metadata()?.len() < HEADER {
+        return Ok(None);
+    }
+    file.read_exact_at(&mut header, 0)?;
+    if &header[..16] != MAGIC {
+        return Ok(None);
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&header[16..]);
+    Ok(Some(u128::from_le_bytes(id)))
 }
 
 /// Writes zeros over `[from, to)`.
