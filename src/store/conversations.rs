@@ -192,11 +192,12 @@ impl Store {
             .collect()
     }
 
-    /// Commits `batch` in one transaction and makes it durable: committed without a sync and
-    /// then recorded in the synced turn log, or, when the record does not fit in the log,
-    /// committed durably (which starts the log over). The outer error fails the whole batch
-    /// (nothing was committed); inner errors are changes refused on their own (their character
-    /// is gone) or a commit that could not be made durable.
+    /// Commits `batch` in one transaction and makes it durable: committed without a sync while
+    /// its record is written to the turn log and synced on another thread (a turn waits for the
+    /// longer of the two, not both), or, when the record does not fit in the log, committed
+    /// durably (which starts the log over). The outer error fails the whole batch (nothing was
+    /// committed); inner errors are changes refused on their own (their character is gone) or
+    /// a commit that could not be made durable.
     #[allow(clippy::type_complexity)]
     fn commit_logged(
         &self,
@@ -206,20 +207,34 @@ impl Store {
         let changes: Vec<&ConversationChange> = batch.iter().map(|q| &q.change).collect();
         let record =
             serde_json::to_vec(&changes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let logged = log.fits(record.len());
         let lsn = log.last_lsn + 1;
-        let txn = self.write_with(if logged {
-            Durability::None
-        } else {
-            Durability::Immediate
-        })?;
-        let (accepted, characters) = apply_changes(&txn, batch)?;
-        set_log_position(&txn, log.id, lsn)?;
-        txn.commit()?;
-        log.last_lsn = lsn;
-        if !logged {
+        if !log.fits(record.len()) {
+            let (accepted, characters) =
+                self.commit_batch(batch, log.id, lsn, Durability::Immediate)?;
+            log.last_lsn = lsn;
             log.reset();
-        } else if let Err(e) = log.append(lsn, &record) {
+            return Ok(self.publish(batch, accepted, characters));
+        }
+        let appending = log.start_append(lsn, &record);
+        let committed = self.commit_batch(batch, log.id, lsn, Durability::None);
+        let written = log.finish_append(&appending);
+        let (accepted, characters) = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was committed, so the record must never be applied: erased, or
+                // else its sequence number is stored as spent.
+                if let Err(erase) = log.erase(&appending) {
+                    log.last_lsn = lsn;
+                    if let Err(spent) = self.checkpoint(log) {
+                        tracing::error!(%erase, %spent, "a failed commit's turn log record \
+                            could not be withdrawn; it may be applied at the next start");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        log.last_lsn = lsn;
+        if let Err(e) = written {
             // Committed but not yet durable: a durable commit makes it so, or the writers hear
             // that it may not survive a crash. Retrying the changes would apply them twice.
             tracing::warn!(error = %e, "turn log write failed; committing durably instead");
@@ -243,6 +258,22 @@ impl Store {
             log.pending += batch.len();
         }
         Ok(self.publish(batch, accepted, characters))
+    }
+
+    /// Applies `batch` and records the log position `lsn` in one commit.
+    #[allow(clippy::type_complexity)]
+    fn commit_batch(
+        &self,
+        batch: &[Queued],
+        log_id: u128,
+        lsn: u64,
+        durability: Durability,
+    ) -> Result<(Vec<bool>, HashMap<u128, Character>), StoreError> {
+        let txn = self.write_with(durability)?;
+        let applied = apply_changes(&txn, batch)?;
+        set_log_position(&txn, log_id, lsn)?;
+        txn.commit()?;
+        Ok(applied)
     }
 
     /// A durable commit of the log position: everything logged so far is now durable in the

@@ -4,8 +4,10 @@
 //! pause costs ~0.44 ms for one sequential record against ~1.2 ms for 20 scattered pages
 //! (`examples/bench_fsync.rs`, docs/BENCHMARKS.md #9).
 //!
-//! A batch of conversation changes is committed to redb without a sync (`Durability::None`),
-//! then appended here and synced before any writer is answered. A checkpoint (any durable
+//! A batch of conversation changes is committed to redb without a sync (`Durability::None`)
+//! while its record is appended here and synced on another thread; no writer is answered
+//! before both are done. A record whose commit fails is erased (or its sequence number stored
+//! as spent), so it is never applied. A checkpoint (any durable
 //! redb commit) makes everything before it durable in the database, and the log starts over.
 //! On open, the records newer than the sequence number the database holds are applied again,
 //! in order: each commit stores its own sequence number, so a record is never applied twice.
@@ -27,7 +29,8 @@ const RECORD_HEADER: usize = 16;
 
 /// The open log file and where the next record goes.
 pub(crate) struct TurnLog {
-    file: File,
+    /// Shared with the thread that writes a record while its commit runs.
+    file: std::sync::Arc<File>,
     /// Random id written in the header and stored with the database's sequence number, so a
     /// log from another database (a restored backup) is never applied to this one.
     pub id: u128,
@@ -83,7 +86,7 @@ impl TurnLog {
         }
         let records = scan(&file, capacity)?;
         let log = Self {
-            file,
+            file: std::sync::Arc::new(file),
             id,
             end: HEADER,
             capacity,
@@ -104,18 +107,54 @@ impl TurnLog {
     }
 
     /// Appends one record and syncs it. The caller checked [`TurnLog::fits`].
+    #[cfg(test)]
     pub fn append(&mut self, lsn: u64, payload: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(payload.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
-        let mut record = Vec::with_capacity(RECORD_HEADER + payload.len());
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&checksum(len, lsn, payload).to_le_bytes());
-        record.extend_from_slice(&lsn.to_le_bytes());
-        record.extend_from_slice(payload);
-        self.file.write_all_at(&record, self.end)?;
-        self.file.sync_data()?;
-        self.end += record.len() as u64;
-        Ok(())
+        let appending = self.start_append(lsn, payload);
+        self.finish_append(&appending)
+    }
+
+    /// Starts writing and syncing one record on a blocking thread, so that the caller can
+    /// commit the same changes to the database meanwhile; [`TurnLog::finish_append`] waits for
+    /// it. Without a runtime to run it on, the record is written before this returns. The
+    /// caller checked [`TurnLog::fits`] and appends nothing else until it finishes.
+    pub fn start_append(&self, lsn: u64, payload: &[u8]) -> Appending {
+        let at = self.end;
+        let record = match encode(lsn, payload) {
+            Ok(r) => r,
+            Err(e) => return Appending::done(at, 0, Err(e)),
+        };
+        let len = record.len() as u64;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Appending::done(at, len, write_synced(&self.file, at, &record));
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let file = self.file.clone();
+        // A refused task drops `tx`, which `finish_append` reports as a failed write.
+        drop(runtime.spawn_blocking(move || {
+            let _ = tx.send(write_synced(&file, at, &record));
+        }));
+        Appending { at, len, done: rx }
+    }
+
+    /// Waits for the record [`TurnLog::start_append`] is writing; once it is synced it is part
+    /// of the log. On an error the log ends before it (a torn record is not read back).
+    pub fn finish_append(&mut self, appending: &Appending) -> io::Result<()> {
+        let written = appending.done.recv().unwrap_or_else(|_| {
+            Err(io::Error::other(
+                "the turn log writer stopped before syncing",
+            ))
+        });
+        if written.is_ok() {
+            self.end = appending.at + appending.len;
+        }
+        written
+    }
+
+    /// Makes a record whose commit failed unreadable, durably: its changes are not in the
+    /// database and must never be applied from here. The next record takes its place.
+    pub fn erase(&mut self, appending: &Appending) -> io::Result<()> {
+        self.end = appending.at;
+        write_synced(&self.file, appending.at, &[0u8; RECORD_HEADER])
     }
 
     /// Gives the log a new id (durably) and starts it over: for a database that follows no
@@ -123,8 +162,7 @@ impl TurnLog {
     /// followed the old id) never gets this log's records.
     pub fn renew(&mut self) -> io::Result<()> {
         let id = rand::random::<u128>();
-        self.file.write_all_at(&id.to_le_bytes(), 16)?;
-        self.file.sync_data()?;
+        write_synced(&self.file, 16, &id.to_le_bytes())?;
         self.id = id;
         self.reset();
         Ok(())
@@ -135,6 +173,40 @@ impl TurnLog {
         self.end = HEADER;
         self.pending = 0;
     }
+}
+
+/// A record being written on another thread (see [`TurnLog::start_append`]).
+pub(crate) struct Appending {
+    at: u64,
+    len: u64,
+    done: std::sync::mpsc::Receiver<io::Result<()>>,
+}
+
+impl Appending {
+    /// An append that already finished (or never started) with `result`.
+    fn done(at: u64, len: u64, result: io::Result<()>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let _ = tx.send(result);
+        Self { at, len, done: rx }
+    }
+}
+
+/// One record's bytes: header, then payload.
+fn encode(lsn: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
+    let mut record = Vec::with_capacity(RECORD_HEADER + payload.len());
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&checksum(len, lsn, payload).to_le_bytes());
+    record.extend_from_slice(&lsn.to_le_bytes());
+    record.extend_from_slice(payload);
+    Ok(record)
+}
+
+/// Writes `bytes` at `at` and syncs the file's data.
+fn write_synced(file: &File, at: u64, bytes: &[u8]) -> io::Result<()> {
+    file.write_all_at(bytes, at)?;
+    file.sync_data()
 }
 
 /// The id in the file's header, or `None` when it has no valid header.
@@ -235,6 +307,60 @@ mod tests {
                 Record {
                     lsn: 2,
                     payload: b"two".to_vec()
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_written_on_another_thread_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _) = reopen(&path);
+        let appending = log.start_append(1, b"from the pool");
+        log.finish_append(&appending).unwrap();
+        assert_eq!(log.used(), (RECORD_HEADER + 13) as u64);
+        drop(log);
+        let (_, found) = reopen(&path);
+        assert_eq!(
+            found,
+            vec![Record {
+                lsn: 1,
+                payload: b"from the pool".to_vec()
+            }]
+        );
+    }
+
+    #[test]
+    fn an_erased_record_is_never_read_and_the_next_one_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _) = reopen(&path);
+        log.append(1, b"kept").unwrap();
+        let failed = log.start_append(2, b"its commit failed");
+        log.finish_append(&failed).unwrap();
+        log.erase(&failed).unwrap();
+        let (_, found) = reopen(&path);
+        assert_eq!(
+            found,
+            vec![Record {
+                lsn: 1,
+                payload: b"kept".to_vec()
+            }]
+        );
+        log.append(2, b"next").unwrap();
+        drop(log);
+        let (_, found) = reopen(&path);
+        assert_eq!(
+            found,
+            vec![
+                Record {
+                    lsn: 1,
+                    payload: b"kept".to_vec()
+                },
+                Record {
+                    lsn: 2,
+                    payload: b"next".to_vec()
                 },
             ]
         );
