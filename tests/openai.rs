@@ -101,6 +101,46 @@ async fn models_lists_visible_characters_and_passthrough_models() {
 }
 
 #[tokio::test]
+async fn a_new_changed_or_deleted_slug_routes_at_once() {
+    let fake = FakeUpstream::start().await;
+    let s = start(&fake, "").await;
+    let t = token("ann");
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let status = |model: &'static str| {
+        let (s, t, body) = (&s, &t, chat(model));
+        async move { nextchat_post(s, t, &body).await.status().as_u16() }
+    };
+    let alice = s.create_character(&t, json!({"name": "Alice"})).await;
+    assert_eq!(status("char-alice").await, 200);
+    // Unknown first (and remembered as unknown), then created: it routes at once.
+    assert_eq!(status("char-bob").await, 404);
+    let bob = s.create_character(&t, json!({"name": "Bob"})).await;
+    assert_eq!(status("char-bob").await, 200);
+    // A renamed slug: the old one stops routing, the new one starts.
+    let id = alice["id"].as_str().unwrap();
+    let r = s
+        .put_json(
+            &format!("/api/characters/{id}"),
+            Some(&t),
+            &json!({"version": alice["version"], "slug": "alicia"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(status("char-alice").await, 404);
+    assert_eq!(status("char-alicia").await, 200);
+    // A deleted character's slug is gone.
+    let r = s
+        .delete(
+            &format!("/api/characters/{}", bob["id"].as_str().unwrap()),
+            Some(&t),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(status("char-bob").await, 404);
+}
+
+#[tokio::test]
 async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     let fake = FakeUpstream::start().await;
     let s = start(&fake, "").await;

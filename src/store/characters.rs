@@ -185,6 +185,7 @@ impl Store {
             }
         }
         txn.commit()?;
+        self.slugs.changed();
         self.cache
             .insert(id, Cached::Live(Arc::new(character.clone())));
         Ok(())
@@ -212,6 +213,7 @@ impl Store {
             }
         }
         txn.commit()?;
+        self.slugs.changed();
         Ok(())
     }
 
@@ -269,6 +271,7 @@ impl Store {
             }
         }
         txn.commit()?;
+        self.slugs.changed();
         self.cache
             .insert(id, Cached::Live(Arc::new(stored.clone())));
         Ok(stored)
@@ -307,7 +310,8 @@ impl Store {
         }
         txn.commit()?;
         self.cache.insert(id, Cached::Gone);
-        self.bindings_changed();
+        self.bindings.changed();
+        self.slugs.changed();
         for cid in removed_conversations {
             self.histories.invalidate(&cid);
         }
@@ -316,9 +320,11 @@ impl Store {
 
     /// The character a slug names.
     pub fn character_by_slug(&self, slug: &str) -> Result<Option<u128>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(SLUGS)?;
-        Ok(t.get(slug)?.map(|v| v.value()))
+        self.slugs.get_or_load(slug, || {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(SLUGS)?;
+            Ok(t.get(slug)?.map(|v| v.value()))
+        })
     }
 
     /// The stored avatar image of a character.

@@ -15,6 +15,7 @@ mod memory;
 mod plugins;
 mod summary;
 mod turn_log;
+mod versioned;
 
 pub use backup::{check_backup, snapshot_file};
 pub use characters::{
@@ -142,8 +143,10 @@ pub struct StoreInner {
     stats: Cache<u128, (u64, conversations::CharacterStats)>,
     /// Plugin bindings per character as of a bindings generation, so a turn does not open a
     /// read transaction for them; the generation moves on every change to any binding.
-    bindings: std::sync::Mutex<plugins::CachedBindings>,
-    bindings_generation: AtomicU64,
+    bindings: versioned::Versioned<u128, Vec<plugins::PluginBindingRecord>>,
+    /// The character each slug names (or none), so resolving a `char-<slug>` model does not
+    /// open a read transaction; moved on by every commit that writes slugs.
+    slugs: versioned::Versioned<String, Option<u128>>,
     /// The log that makes turn commits durable, and its position; held by whoever commits
     /// turns or checkpoints.
     turn_log: std::sync::Mutex<turn_log::TurnLog>,
@@ -178,6 +181,12 @@ const TURN_LOG_BYTES: u64 = 4 << 20;
 fn turn_log_path(db: &Path) -> std::path::PathBuf {
     db.with_extension("turns")
 }
+
+/// Characters whose plugin binding lists are cached.
+const CACHED_BINDINGS: usize = 4096;
+
+/// Slugs whose characters are cached.
+const CACHED_SLUGS: usize = 16384;
 
 /// Upper bound on the memory held by cached summary rows.
 const SUMMARY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -254,8 +263,8 @@ impl Store {
                 .build(),
             generation: Arc::default(),
             stats: Cache::builder().max_capacity(cache_capacity).build(),
-            bindings: std::sync::Mutex::default(),
-            bindings_generation: AtomicU64::new(0),
+            bindings: versioned::Versioned::new(CACHED_BINDINGS),
+            slugs: versioned::Versioned::new(CACHED_SLUGS),
             turn_log: std::sync::Mutex::new(log),
             turns: Default::default(),
         }));

@@ -1,21 +1,12 @@
 //! Which plugins each character uses, in order, with their per-character config.
 
-use super::group_commit::lock;
 use super::{decode_record, encode_record, Store, StoreError};
 use redb::{Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 /// character id → the character's plugin bindings.
 pub(crate) const PLUGIN_BINDINGS: TableDefinition<u128, &[u8]> =
     TableDefinition::new("plugin_bindings");
-
-/// Binding lists by character, each with the bindings generation it was read at.
-pub(crate) type CachedBindings = HashMap<u128, (u64, Vec<PluginBindingRecord>)>;
-
-/// Characters whose binding lists are kept before the map starts over; bounds memory only.
-const BINDINGS_CACHED: usize = 4096;
 
 /// One plugin attached to a character.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -35,31 +26,14 @@ fn enabled_default() -> bool {
 impl Store {
     /// A character's plugin bindings, in call order.
     pub fn plugin_bindings(&self, character: u128) -> Result<Vec<PluginBindingRecord>, StoreError> {
-        // Read before the transaction: a change committed meanwhile moves it on, and the
-        // entry stored below is then never served.
-        let generation = self.bindings_generation.load(Ordering::Acquire);
-        if let Some((g, cached)) = lock(&self.bindings).get(&character) {
-            if *g == generation {
-                return Ok(cached.clone());
-            }
-        }
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(PLUGIN_BINDINGS)?;
-        let bindings: Vec<PluginBindingRecord> = match t.get(character)? {
-            Some(raw) => decode_record(raw.value())?,
-            None => Vec::new(),
-        };
-        let mut cached = lock(&self.bindings);
-        if cached.len() >= BINDINGS_CACHED {
-            cached.clear();
-        }
-        cached.insert(character, (generation, bindings.clone()));
-        Ok(bindings)
-    }
-
-    /// Marks every cached binding list stale (after a commit that changed bindings).
-    pub(crate) fn bindings_changed(&self) {
-        self.bindings_generation.fetch_add(1, Ordering::AcqRel);
+        self.bindings.get_or_load(&character, || {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(PLUGIN_BINDINGS)?;
+            Ok(match t.get(character)? {
+                Some(raw) => decode_record(raw.value())?,
+                None => Vec::new(),
+            })
+        })
     }
 
     /// Replaces a character's plugin bindings.
@@ -79,7 +53,7 @@ impl Store {
             }
         }
         txn.commit()?;
-        self.bindings_changed();
+        self.bindings.changed();
         Ok(())
     }
 }
