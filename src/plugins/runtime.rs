@@ -2,8 +2,7 @@
 //! per-call `Store` with its limits, the host imports, and WIT <-> host type conversion.
 //! This is the only file that knows wasmtime.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -42,13 +41,75 @@ const MAX_RECALL: u32 = 32;
 /// The engine plus the thread that advances its epoch.
 pub(crate) struct Runtime {
     pub(crate) engine: Engine,
-    /// Tells the ticker thread to exit when the host is dropped.
-    stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let mut state = self.ticker.lock();
+        state.stop = true;
+        self.ticker.wake.notify_all();
+    }
+}
+
+/// What the epoch ticker thread waits on: it ticks only while a call is running, so an idle
+/// server (most of the time on a small machine) is not woken 200 times a second.
+#[derive(Default)]
+struct Ticker {
+    state: Mutex<TickerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TickerState {
+    /// Stores (calls) alive now.
+    calls: usize,
+    /// The runtime was dropped: the thread exits.
+    stop: bool,
+}
+
+impl Ticker {
+    /// A poisoned lock only means a call panicked while counting; the count is still usable.
+    fn lock(&self) -> MutexGuard<'_, TickerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `tick` (which advances the engine's epoch) every [`TICK`] while any call is alive;
+    /// returns once stopped.
+    fn run(&self, tick: impl Fn()) {
+        loop {
+            {
+                let mut state = self.lock();
+                while state.calls == 0 && !state.stop {
+                    state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                if state.stop {
+                    return;
+                }
+            }
+            std::thread::sleep(TICK);
+            tick();
+        }
+    }
+
+    /// Counts a call as alive until the guard is dropped (with its store).
+    fn call(self: &Arc<Self>) -> Ticking {
+        let mut state = self.lock();
+        state.calls += 1;
+        if state.calls == 1 {
+            self.wake.notify_all();
+        }
+        Ticking(self.clone())
+    }
+}
+
+/// Keeps the ticker running while a call's store is alive.
+struct Ticking(Arc<Ticker>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.calls = state.calls.saturating_sub(1);
     }
 }
 
@@ -80,19 +141,13 @@ impl Runtime {
             .max_wasm_stack(512 * 1024)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
-        let ticker_stop = stop.clone();
+        let ticker = Arc::new(Ticker::default());
+        let (ticker_engine, thread_ticker) = (engine.clone(), ticker.clone());
         std::thread::Builder::new()
             .name("taproom-plugin-epoch".into())
-            .spawn(move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
+            .spawn(move || thread_ticker.run(|| ticker_engine.increment_epoch()))
             .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
-        Ok(Self { engine, stop })
+        Ok(Self { engine, ticker })
     }
 
     /// Compiles a component (the expensive step, done once per distinct file content).
@@ -126,7 +181,11 @@ impl Runtime {
             .map(|(name, _)| name.to_string())
             .collect();
         imports.sort();
-        Ok(Prepared { pre, imports })
+        Ok(Prepared {
+            pre,
+            imports,
+            ticker: self.ticker.clone(),
+        })
     }
 }
 
@@ -140,6 +199,8 @@ pub(crate) struct Prepared {
     pre: bindings::PluginPre<CallState>,
     /// The component's import names (ours plus the `wasi:*` ones stubbed as traps).
     pub(crate) imports: Vec<String>,
+    /// Runs the epoch ticker while a call's store is alive.
+    ticker: Arc<Ticker>,
 }
 
 /// Limits applied to one call.
@@ -189,6 +250,8 @@ pub(crate) struct CallState {
     pub(crate) memories: Vec<MemoryEntry>,
     pub(crate) logs: Vec<PluginLog>,
     dropped_logs: u32,
+    /// Keeps the epoch ticking (so the call's deadline can fire) while the store lives.
+    _ticking: Ticking,
 }
 
 impl wit_host::Host for CallState {
@@ -307,6 +370,7 @@ impl Prepared {
                 memories: Vec::new(),
                 logs: Vec::new(),
                 dropped_logs: 0,
+                _ticking: self.ticker.call(),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -494,5 +558,45 @@ pub(crate) fn from_wit_after(r: w::AfterResult) -> t::AfterOutcome {
         memories: Vec::new(),
         state: r.state,
         logs: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod ticker_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    #[test]
+    fn the_ticker_ticks_only_while_a_call_is_alive() {
+        let ticker = Arc::new(Ticker::default());
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (ticker, ticks) = (ticker.clone(), ticks.clone());
+            std::thread::spawn(move || {
+                ticker.run(|| {
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+        };
+        std::thread::sleep(TICK * 10);
+        assert_eq!(ticks.load(Ordering::SeqCst), 0, "no call, no ticks");
+        let call = ticker.call();
+        let started = Instant::now();
+        while ticks.load(Ordering::SeqCst) < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a call must be ticked"
+            );
+            std::thread::sleep(TICK);
+        }
+        drop(call);
+        {
+            let mut state = ticker.lock();
+            assert_eq!(state.calls, 0);
+            state.stop = true;
+            ticker.wake.notify_all();
+        }
+        thread.join().unwrap();
     }
 }
