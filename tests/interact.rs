@@ -1174,3 +1174,73 @@ async fn concurrent_turns_share_commits_and_every_count_is_exact() {
         assert_eq!(d["statistics"]["messageCount"], 4 * per_character as u64);
     }
 }
+
+#[tokio::test]
+async fn usage_counts_follow_turns_in_details_lists_and_the_usage_sort() {
+    let fake = FakeUpstream::start().await;
+    let s = start(&fake, "").await;
+    let t = token("ann");
+    let mut ids = Vec::new();
+    for (name, turns) in [("Once", 1), ("Never", 0), ("Thrice", 3)] {
+        let c = s
+            .create_character(&t, json!({"name": name, "description": "d"}))
+            .await;
+        let id = c["id"].as_str().unwrap().to_string();
+        let mut cid: Option<String> = None;
+        for i in 0..turns {
+            let mut body = json!({"message": format!("hello {i}")});
+            if let Some(cid) = &cid {
+                body["conversationId"] = json!(cid);
+            }
+            let (status, v) = interact(&s, &t, &id, body).await;
+            assert_eq!(status, 200, "{v}");
+            cid = v["conversationId"].as_str().map(str::to_string);
+        }
+        ids.push((id, turns));
+    }
+    // An edit keeps the count.
+    let thrice = &ids[2].0;
+    let before: Value = s
+        .get(&format!("/api/characters/{thrice}"), Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let r = s
+        .put_json(
+            &format!("/api/characters/{thrice}"),
+            Some(&t),
+            &json!({"version": before["version"], "description": "edited"}),
+        )
+        .await;
+    let edited: Value = r.json().await.unwrap();
+    assert_eq!(edited["usageCount"], 3, "{edited}");
+    for (id, turns) in &ids {
+        let d: Value = s
+            .get(&format!("/api/characters/{id}"), Some(&t))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(d["usageCount"], *turns, "{d}");
+        assert_eq!(d["statistics"]["usageCount"], *turns, "{d}");
+    }
+    let page: Value = s
+        .get("/api/characters?sort=usage&order=desc", Some(&t))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<(&str, u64)> = page["characters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap(),
+                c["usageCount"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, vec![("Thrice", 3), ("Once", 1), ("Never", 0)]);
+}

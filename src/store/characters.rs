@@ -1,12 +1,14 @@
 //! Character records, their index entries, avatars and the per-owner quota counter, always
 //! written together in one transaction.
 
+use super::conversations::{CharacterStats, CHARACTER_STATS};
 use super::summary::{Summary, SummaryView};
 use super::{
     decode_record, encode_record, Cached, RowsKey, Store, StoreError, AVATARS, BY_GROUP, BY_OWNER,
     BY_OWNER_MODIFIED, BY_TAG, CHARACTERS, OWNER_COUNTS, PUBLIC, SLUGS,
 };
 use crate::model::Character;
+use moka::ops::compute::Op;
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -141,10 +143,11 @@ impl Store {
         let Some(raw) = table.get(id)? else {
             return Ok(None);
         };
-        let loaded: Arc<Character> = Arc::new(decode_record(raw.value())?);
+        let mut loaded: Character = decode_record(raw.value())?;
+        loaded.usage_count = usage(&txn.open_table(CHARACTER_STATS)?, id, loaded.usage_count)?;
+        let loaded = Arc::new(loaded);
         // Never replace a newer cached version (or a deletion) with this older snapshot.
         let result = self.cache.entry(id).and_compute_with(|existing| {
-            use moka::ops::compute::Op;
             match existing.map(|e| e.into_value()) {
                 Some(Cached::Gone) => Op::Nop,
                 Some(Cached::Live(c)) if c.version >= loaded.version => Op::Nop,
@@ -240,9 +243,10 @@ impl Store {
                     current: current.version,
                 });
             }
-            // usageCount moves with chatting, not with edits: keep the stored count.
+            // usageCount moves with chatting, not with edits: keep the current count.
             let mut updated = updated.clone();
-            updated.usage_count = current.usage_count;
+            updated.usage_count =
+                usage(&txn.open_table(CHARACTER_STATS)?, id, current.usage_count)?;
             if updated.slug != current.slug {
                 if let Some(new) = &updated.slug {
                     let mut slugs = txn.open_table(SLUGS)?;
@@ -437,6 +441,13 @@ impl Store {
             }
         }
         let total = rows.len() as u64;
+        if q.sort == CharacterSort::Usage {
+            // A summary holds the count from the character record; turns move it in the stats.
+            let stats = txn.open_table(CHARACTER_STATS)?;
+            for row in &mut rows {
+                row.usage = usage(&stats, row.id, row.usage)?;
+            }
+        }
         sort_summaries(&mut rows, q.sort, q.descending);
         let ids: Vec<u128> = rows
             .iter()
@@ -515,6 +526,7 @@ impl Store {
         ids: &[u128],
     ) -> Result<Vec<Arc<Character>>, StoreError> {
         let table = txn.open_table(CHARACTERS)?;
+        let stats = txn.open_table(CHARACTER_STATS)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(Cached::Live(c)) = self.cache.get(id) {
@@ -522,11 +534,41 @@ impl Store {
                 continue;
             }
             if let Some(raw) = table.get(*id)? {
-                let c: Arc<Character> = Arc::new(decode_record(raw.value())?);
-                out.push(c);
+                let mut c: Character = decode_record(raw.value())?;
+                c.usage_count = usage(&stats, *id, c.usage_count)?;
+                out.push(Arc::new(c));
             }
         }
         Ok(out)
+    }
+}
+
+/// The usageCount of character `id` whose record says `recorded`, as of the transaction that
+/// opened `stats`.
+fn usage(
+    stats: &impl ReadableTable<u128, &'static [u8]>,
+    id: u128,
+    recorded: u64,
+) -> Result<u64, StoreError> {
+    Ok(match stats.get(id)? {
+        Some(raw) => decode_record::<CharacterStats>(raw.value())?.usage(recorded),
+        None => recorded,
+    })
+}
+
+impl Store {
+    /// Puts the usageCount a turn committed into the character's cached copy.
+    pub(crate) fn set_cached_usage(&self, id: u128, usage: u64) {
+        let _ = self.cache.entry(id).and_compute_with(|existing| {
+            match existing.map(|e| e.into_value()) {
+                Some(Cached::Live(c)) if c.usage_count != usage => {
+                    let mut c = Character::clone(&c);
+                    c.usage_count = usage;
+                    Op::Put(Cached::Live(Arc::new(c)))
+                }
+                _ => Op::Nop,
+            }
+        });
     }
 }
 
@@ -603,21 +645,6 @@ fn claim_slug(txn: &WriteTransaction, base: &str, id: u128) -> Result<String, St
         }
         n += 1;
     }
-}
-
-/// Rewrites a character's summary rows after a change that keeps its `updatedAt` (usage).
-pub(crate) fn rewrite_summary(
-    txn: &WriteTransaction,
-    id: u128,
-    c: &Character,
-) -> Result<(), StoreError> {
-    let summary = Summary::of(c, id).encode();
-    txn.open_table(BY_OWNER)?
-        .insert((c.creator_id.as_str(), id), summary.as_slice())?;
-    if c.is_public {
-        txn.open_table(PUBLIC)?.insert(id, summary.as_slice())?;
-    }
-    Ok(())
 }
 
 fn remove_indexes(txn: &WriteTransaction, id: u128, c: &Character) -> Result<(), StoreError> {

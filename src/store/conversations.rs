@@ -5,7 +5,7 @@
 use super::characters::parse_id;
 use super::group_commit::lock;
 use super::turn_log::{Record, TurnLog};
-use super::{decode_record, encode_record, Cached, Store, StoreError, CHARACTERS, META};
+use super::{decode_record, encode_record, Store, StoreError, CHARACTERS, META};
 use crate::model::{Character, Conversation, StoredMessage};
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,19 @@ pub struct CharacterStats {
     pub message_count: u64,
     pub memory_count: u64,
     pub last_used_ms: Option<i64>,
+    /// The character's usageCount. Kept here rather than in the character record, so that a
+    /// turn does not decode and rewrite the whole card (half a megabyte with a large lorebook).
+    /// `None` until the character's first turn since it moved here; the record's count holds
+    /// until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_count: Option<u64>,
+}
+
+impl CharacterStats {
+    /// The usageCount of a character whose record says `recorded`.
+    pub fn usage(&self, recorded: u64) -> u64 {
+        self.usage_count.unwrap_or(recorded)
+    }
 }
 
 /// One conversation change: the new record, the record it replaces (None for a new
@@ -209,16 +222,15 @@ impl Store {
             serde_json::to_vec(&changes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let lsn = log.last_lsn + 1;
         if !log.fits(record.len()) {
-            let (accepted, characters) =
-                self.commit_batch(batch, log.id, lsn, Durability::Immediate)?;
+            let (accepted, usage) = self.commit_batch(batch, log.id, lsn, Durability::Immediate)?;
             log.last_lsn = lsn;
             log.reset();
-            return Ok(self.publish(batch, accepted, characters));
+            return Ok(self.publish(batch, accepted, usage));
         }
         let appending = log.start_append(lsn, &record);
         let committed = self.commit_batch(batch, log.id, lsn, Durability::None);
         let written = log.finish_append(&appending);
-        let (accepted, characters) = match committed {
+        let (accepted, usage) = match committed {
             Ok(c) => c,
             Err(e) => {
                 // Nothing was committed, so the record must never be applied: erased, or
@@ -257,18 +269,17 @@ impl Store {
         } else {
             log.pending += batch.len();
         }
-        Ok(self.publish(batch, accepted, characters))
+        Ok(self.publish(batch, accepted, usage))
     }
 
     /// Applies `batch` and records the log position `lsn` in one commit.
-    #[allow(clippy::type_complexity)]
     fn commit_batch(
         &self,
         batch: &[Queued],
         log_id: u128,
         lsn: u64,
         durability: Durability,
-    ) -> Result<(Vec<bool>, HashMap<u128, Character>), StoreError> {
+    ) -> Result<Applied, StoreError> {
         let txn = self.write_with(durability)?;
         let applied = apply_changes(&txn, batch)?;
         set_log_position(&txn, log_id, lsn)?;
@@ -370,10 +381,10 @@ impl Store {
         &self,
         batch: &[Queued],
         accepted: Vec<bool>,
-        characters: HashMap<u128, Character>,
+        usage: HashMap<u128, u64>,
     ) -> Vec<Result<Arc<History>, StoreError>> {
-        for (chid, c) in characters {
-            self.cache.insert(chid, Cached::Live(Arc::new(c)));
+        for (chid, n) in usage {
+            self.set_cached_usage(chid, n);
         }
         batch
             .iter()
@@ -646,19 +657,18 @@ pub(crate) fn delete_character_conversations(
     Ok(ids)
 }
 
-/// Writes `batch` into `txn`: for each change whether it was accepted (its character still
-/// exists), and the characters whose usage counter changed (for the cache).
-#[allow(clippy::type_complexity)]
-fn apply_changes(
-    txn: &WriteTransaction,
-    batch: &[Queued],
-) -> Result<(Vec<bool>, HashMap<u128, Character>), StoreError> {
+/// For each change of a batch whether it was accepted (its character still exists), and the
+/// new usageCount of each character whose count moved (for the cache).
+type Applied = (Vec<bool>, HashMap<u128, u64>);
+
+/// Writes `batch` into `txn`.
+fn apply_changes(txn: &WriteTransaction, batch: &[Queued]) -> Result<Applied, StoreError> {
     let mut accepted = Vec::with_capacity(batch.len());
-    // Characters and counters touched by several changes are read and written once.
-    let mut characters: HashMap<u128, Character> = HashMap::new();
+    // Counters touched by several changes are read and written once.
     let mut stats: HashMap<u128, CharacterStats> = HashMap::new();
+    let mut usage: HashMap<u128, u64> = HashMap::new();
     {
-        let mut chars = txn.open_table(CHARACTERS)?;
+        let chars = txn.open_table(CHARACTERS)?;
         let mut by_user = txn.open_table(CONV_BY_USER)?;
         let mut by_character = txn.open_table(CONV_BY_CHARACTER)?;
         let mut convs = txn.open_table(CONVERSATIONS)?;
@@ -668,10 +678,10 @@ fn apply_changes(
             let Queued { cid, chid, change } = q;
             let (cid, chid) = (*cid, *chid);
             // The character must still exist: a conversation never outlives it.
-            if chars.get(chid)?.is_none() {
+            let Some(record) = chars.get(chid)? else {
                 accepted.push(false);
                 continue;
-            }
+            };
             accepted.push(true);
             let conversation = &change.conversation;
             if let Some(prev) = &change.previous {
@@ -716,25 +726,21 @@ fn apply_changes(
             s.message_count = (s.message_count + new_messages).saturating_sub(removed_count);
             s.last_used_ms = Some(ms(&conversation.last_activity));
             if change.usage_delta > 0 {
-                let c = match characters.entry(chid) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => match chars.get(chid)? {
-                        Some(raw) => e.insert(decode_record(raw.value())?),
-                        None => return Err(StoreError::NotFound(conversation.id.clone())),
-                    },
+                // The record's count is read once per character, at its first turn here.
+                let base = match s.usage_count {
+                    Some(n) => n,
+                    None => decode_record::<Character>(record.value())?.usage_count,
                 };
-                c.usage_count += change.usage_delta;
+                let n = base + change.usage_delta;
+                s.usage_count = Some(n);
+                usage.insert(chid, n);
             }
         }
         for (chid, s) in &stats {
             stats_table.insert(*chid, encode_record(s)?.as_slice())?;
         }
-        for (chid, c) in &characters {
-            super::characters::rewrite_summary(txn, *chid, c)?;
-            chars.insert(*chid, encode_record(c)?.as_slice())?;
-        }
     }
-    Ok((accepted, characters))
+    Ok((accepted, usage))
 }
 
 /// Records in `txn` which turn log the database follows and the last commit's sequence number.
@@ -804,6 +810,52 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[tokio::test]
+    async fn usage_moves_to_the_stats_from_the_records_count_without_rewriting_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let store = Store::open(&path, &StoreConfig::default()).unwrap();
+        // A record that carries a count from before counts moved to the stats.
+        let character: Character = serde_json::from_value(serde_json::json!({
+            "id": uuid::Uuid::now_v7().to_string(), "name": "Old", "description": "",
+            "createdAt": "2026-01-01T00:00:00Z", "updatedAt": "2026-01-01T00:00:00Z",
+            "personality": {}, "isPublic": false, "isActive": true, "usageCount": 7,
+            "creatorId": "u", "version": 1
+        }))
+        .unwrap();
+        store.create_many(std::slice::from_ref(&character)).unwrap();
+        let id = parse_id(&character.id).unwrap();
+        let mut conversation = history(0, 0).conversation;
+        conversation.character_id = character.id.clone();
+        for _ in 0..2 {
+            store
+                .save_conversation(ConversationChange {
+                    conversation: conversation.clone(),
+                    previous: None,
+                    upserts: Vec::new(),
+                    removed: Vec::new(),
+                    usage_delta: 1,
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.get_character(id).unwrap().unwrap().usage_count, 9);
+        assert_eq!(store.character_stats(id).unwrap().usage_count, Some(9));
+        let recorded: Character = {
+            let txn = store.db.begin_read().unwrap();
+            let t = txn.open_table(CHARACTERS).unwrap();
+            decode_record(t.get(id).unwrap().unwrap().value()).unwrap()
+        };
+        assert_eq!(
+            recorded, character,
+            "a turn leaves the character record alone"
+        );
+        store.checkpoint_turns().unwrap();
+        drop(store);
+        let store = Store::open(&path, &StoreConfig::default()).unwrap();
+        assert_eq!(store.get_character(id).unwrap().unwrap().usage_count, 9);
     }
 
     #[test]
