@@ -7,8 +7,8 @@
 //! A batch of conversation changes is committed to redb without a sync (`Durability::None`)
 //! while its record is appended here and synced on another thread; no writer is answered
 //! before both are done. A record whose commit fails is erased (or its sequence number stored
-//! as spent), so it is never applied. A checkpoint (any durable
-//! redb commit) makes everything before it durable in the database, and the log starts over.
+//! as spent), so it is never applied. A checkpoint (any durable redb commit) makes everything
+//! before it durable in the database, and the log starts over.
 //! On open, the records newer than the sequence number the database holds are applied again,
 //! in order: each commit stores its own sequence number, so a record is never applied twice.
 //!
