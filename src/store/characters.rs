@@ -541,22 +541,7 @@ impl Store {
         }
         Ok(out)
     }
-}
 
-/// The usageCount of character `id` whose record says `recorded`, as of the transaction that
-/// opened `stats`.
-fn usage(
-    stats: &impl ReadableTable<u128, &'static [u8]>,
-    id: u128,
-    recorded: u64,
-) -> Result<u64, StoreError> {
-    Ok(match stats.get(id)? {
-        Some(raw) => decode_record::<CharacterStats>(raw.value())?.usage(recorded),
-        None => recorded,
-    })
-}
-
-impl Store {
     /// Puts the usageCount a turn committed into the character's cached copy.
     pub(crate) fn set_cached_usage(&self, id: u128, usage: u64) {
         let _ = self.cache.entry(id).and_compute_with(|existing| {
@@ -570,6 +555,21 @@ impl Store {
             }
         });
     }
+}
+
+/// The usageCount of character `id` whose record says `recorded`, as of the transaction that
+/// opened `stats`.
+fn usage(
+    stats: &impl ReadableTable<u128, &'static [u8]>,
+    id: u128,
+    recorded: u64,
+) -> Result<u64, StoreError> {
+    Ok(match stats.get(id)? {
+        Some(raw) => decode_record::<CharacterStats>(raw.value())?
+            .usage_count
+            .unwrap_or(recorded),
+        None => recorded,
+    })
 }
 
 fn sort_summaries(rows: &mut [SummaryView<'_>], sort: CharacterSort, descending: bool) {

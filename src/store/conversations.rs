@@ -47,13 +47,6 @@ pub struct CharacterStats {
     pub usage_count: Option<u64>,
 }
 
-impl CharacterStats {
-    /// The usageCount of a character whose record says `recorded`.
-    pub fn usage(&self, recorded: u64) -> u64 {
-        self.usage_count.unwrap_or(recorded)
-    }
-}
-
 /// One conversation change: the new record, the record it replaces (None for a new
 /// conversation), new or changed messages, removed seqs, and new turns for usageCount. It is
 /// also what the turn log records.
