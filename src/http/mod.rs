@@ -29,6 +29,7 @@ use axum::{Extension, Router};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
@@ -124,13 +125,18 @@ pub fn router(state: AppState) -> Router {
     let (api, doc) = api.split_for_parts();
     // Rendering a derived document cannot fail; an empty body would fail the OpenAPI test loudly.
     let doc = serde_json::to_vec(&doc).unwrap_or_default();
-    let api = api.layer(Extension(openapi::Document(doc.into())));
+    // Each `Router::layer` call wraps every route in one more boxed service, and axum clones
+    // the whole chain of boxes at every level per request; so the layers come as three stacks.
     let api = api
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            rate_limit::layer,
-        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    rate_limit::layer,
+                ))
+                .layer(Extension(openapi::Document(doc.into()))),
+        )
         .with_state(state.clone());
     // Outermost, so the count and latency include every layer's own answers (413, 504, 429).
     with_layers(api, &config).layer(middleware::from_fn_with_state(state, crate::metrics::track))
@@ -158,49 +164,61 @@ pub fn compressible() -> Compressible {
         .and(NotForContentType::SSE)
 }
 
-/// Wraps routes in every tower layer, outermost last.
+/// Wraps routes in the common tower layers as one stack, request id outermost. Each
+/// `map_response` turns a body back into axum's where the next layer out cannot take the
+/// inner layer's body type.
 pub fn with_layers(api: Router, config: &Config) -> Router {
-    api.layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
-        .layer(RequestBodyLimitLayer::new(config.http.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            config.request_timeout(),
-        ))
-        .layer(compression())
-        .layer(cors(config))
-        .layer(CatchPanicLayer::custom(on_panic))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_else(|| "unmatched".into());
-                    let id = req
-                        .headers()
-                        .get(request_id::HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!(
-                        "request",
-                        method = %req.method(),
-                        route = %route,
-                        request_id = %id,
-                        user = tracing::field::Empty,
-                    )
-                })
-                .on_request(())
-                .on_response(|res: &Response, latency: Duration, _span: &Span| {
-                    tracing::info!(
-                        status = res.status().as_u16(),
-                        latency_ms = latency.as_secs_f64() * 1000.0,
-                        "served"
-                    );
-                })
-                .on_failure(()),
-        )
-        .layer(middleware::from_fn(request_id::layer))
+    let limit = config.http.body_limit_bytes;
+    api.layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn(request_id::layer))
+            .map_response(IntoResponse::into_response)
+            // The access log: a span per request named by its matched route.
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| {
+                        let route = req
+                            .extensions()
+                            .get::<MatchedPath>()
+                            .map(|p| p.as_str().to_string())
+                            .unwrap_or_else(|| "unmatched".into());
+                        let id = req
+                            .headers()
+                            .get(request_id::HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        tracing::info_span!(
+                            "request",
+                            method = %req.method(),
+                            route = %route,
+                            request_id = %id,
+                            user = tracing::field::Empty,
+                        )
+                    })
+                    .on_request(())
+                    .on_response(|res: &Response, latency: Duration, _span: &Span| {
+                        tracing::info!(
+                            status = res.status().as_u16(),
+                            latency_ms = latency.as_secs_f64() * 1000.0,
+                            "served"
+                        );
+                    })
+                    .on_failure(()),
+            )
+            .map_response(IntoResponse::into_response)
+            .layer(CatchPanicLayer::custom(on_panic))
+            .layer(cors(config))
+            // CORS answers preflights itself, with a default body that compression's lacks.
+            .map_response(IntoResponse::into_response)
+            .layer(compression())
+            // Outside the timeout, whose own 504 needs a body type with a default.
+            .layer(RequestBodyLimitLayer::new(limit))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::GATEWAY_TIMEOUT,
+                config.request_timeout(),
+            ))
+            .layer(DefaultBodyLimit::max(limit)),
+    )
 }
 
 /// The configured CORS origins; `None` when any origin is allowed.
