@@ -11,6 +11,7 @@ mod characters;
 mod conversations;
 mod file;
 mod group_commit;
+mod log_writer;
 mod memory;
 mod plugins;
 mod summary;

@@ -23,6 +23,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::log_writer::{write_synced, LogWriter};
+
 const MAGIC: &[u8; 16] = b"taproom-turns-v1";
 const HEADER: u64 = 32;
 const RECORD_HEADER: usize = 16;
@@ -31,6 +33,7 @@ const RECORD_HEADER: usize = 16;
 pub(crate) struct TurnLog {
     /// Shared with the thread that writes a record while its commit runs.
     file: std::sync::Arc<File>,
+    writer: LogWriter,
     /// Random id written in the header and stored with the database's sequence number, so a
     /// log from another database (a restored backup) is never applied to this one.
     pub id: u128,
@@ -87,6 +90,7 @@ impl TurnLog {
         let records = scan(&file, capacity)?;
         let log = Self {
             file: std::sync::Arc::new(file),
+            writer: LogWriter::start(),
             id,
             end: HEADER,
             capacity,
@@ -113,27 +117,19 @@ impl TurnLog {
         self.finish_append(&appending)
     }
 
-    /// Starts writing and syncing one record on a blocking thread, so that the caller can
-    /// commit the same changes to the database meanwhile; [`TurnLog::finish_append`] waits for
-    /// it. Without a runtime to run it on, the record is written before this returns. The
-    /// caller checked [`TurnLog::fits`] and appends nothing else until it finishes.
-    pub fn start_append(&self, lsn: u64, payload: &[u8]) -> Appending {
+    /// Starts writing and syncing one record on the log's writer thread, so that the caller
+    /// can commit the same changes to the database meanwhile; [`TurnLog::finish_append`]
+    /// waits for it. The caller checked [`TurnLog::fits`] and appends nothing else until it
+    /// finishes.
+    pub fn start_append(&mut self, lsn: u64, payload: &[u8]) -> Appending {
         let at = self.end;
         let record = match encode(lsn, payload) {
             Ok(r) => r,
             Err(e) => return Appending::done(at, 0, Err(e)),
         };
         let len = record.len() as u64;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Appending::done(at, len, write_synced(&self.file, at, &record));
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let file = self.file.clone();
-        // A refused task drops `tx`, which `finish_append` reports as a failed write.
-        drop(runtime.spawn_blocking(move || {
-            let _ = tx.send(write_synced(&file, at, &record));
-        }));
-        Appending { at, len, done: rx }
+        let done = self.writer.submit(&self.file, at, record);
+        Appending { at, len, done }
     }
 
     /// Waits for the record [`TurnLog::start_append`] is writing; once it is synced it is part
@@ -201,12 +197,6 @@ fn encode(lsn: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
     record.extend_from_slice(&lsn.to_le_bytes());
     record.extend_from_slice(payload);
     Ok(record)
-}
-
-/// Writes `bytes` at `at` and syncs the file's data.
-fn write_synced(file: &File, at: u64, bytes: &[u8]) -> io::Result<()> {
-    file.write_all_at(bytes, at)?;
-    file.sync_data()
 }
 
 /// The id in the file's header, or `None` when it has no valid header.
