@@ -13,34 +13,38 @@ use std::thread::JoinHandle;
 
 /// One record to write at an offset, and where to report the outcome.
 struct Job {
-    file: Arc<File>,
     at: u64,
     bytes: Vec<u8>,
     done: SyncSender<io::Result<()>>,
 }
 
-/// The writer thread; records are written inline when it could not be started.
+/// The writer thread of one file; records are written inline when it could not be started.
 pub(crate) struct LogWriter {
+    file: Arc<File>,
     jobs: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     placement: Placement,
 }
 
 impl LogWriter {
-    /// Starts the thread.
-    pub fn start() -> Self {
+    /// Starts the thread that writes to `file`.
+    pub fn start(file: Arc<File>) -> Self {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        let thread_file = file.clone();
         let spawned = std::thread::Builder::new()
             .name("taproom-turn-log".into())
             .spawn(move || {
                 let _ = tid_tx.send(Placement::current_thread());
                 for job in queue {
-                    let _ = job.done.send(write_synced(&job.file, job.at, &job.bytes));
+                    let _ = job
+                        .done
+                        .send(write_synced(&thread_file, job.at, &job.bytes));
                 }
             });
         match spawned {
             Ok(thread) => Self {
+                file,
                 jobs: Some(jobs),
                 thread: Some(thread),
                 placement: tid_rx.recv().unwrap_or_default(),
@@ -48,6 +52,7 @@ impl LogWriter {
             Err(e) => {
                 tracing::warn!(error = %e, "no turn log thread; records are written inline");
                 Self {
+                    file,
                     jobs: None,
                     thread: None,
                     placement: Placement::default(),
@@ -58,27 +63,16 @@ impl LogWriter {
 
     /// Writes `bytes` at `at` and syncs the file, on the thread when there is one; the
     /// outcome arrives on the returned channel.
-    pub fn submit(
-        &mut self,
-        file: &Arc<File>,
-        at: u64,
-        bytes: Vec<u8>,
-    ) -> Receiver<io::Result<()>> {
+    pub fn submit(&mut self, at: u64, bytes: Vec<u8>) -> Receiver<io::Result<()>> {
         let (done, outcome) = mpsc::sync_channel(1);
         let Some(jobs) = &self.jobs else {
-            let _ = done.send(write_synced(file, at, &bytes));
+            let _ = done.send(write_synced(&self.file, at, &bytes));
             return outcome;
         };
         self.placement.keep_off_this_cpu();
-        let job = Job {
-            file: file.clone(),
-            at,
-            bytes,
-            done,
-        };
-        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+        if let Err(mpsc::SendError(job)) = jobs.send(Job { at, bytes, done }) {
             // The thread is gone: write inline rather than fail the turn.
-            let _ = job.done.send(write_synced(&job.file, job.at, &job.bytes));
+            let _ = job.done.send(write_synced(&self.file, job.at, &job.bytes));
         }
         outcome
     }
@@ -151,9 +145,8 @@ impl Placement {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_reach_the_file_through_the_thread_and_after_it_stopped() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A writer for a new file in `dir`, and the file to read back.
+    fn writer_in(dir: &tempfile::TempDir) -> (LogWriter, Arc<File>) {
         let file = Arc::new(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -163,16 +156,18 @@ mod tests {
                 .open(dir.path().join("log"))
                 .unwrap(),
         );
-        let mut writer = LogWriter::start();
-        writer
-            .submit(&file, 0, b"first".to_vec())
-            .recv()
-            .unwrap()
-            .unwrap();
+        (LogWriter::start(file.clone()), file)
+    }
+
+    #[test]
+    fn records_reach_the_file_through_the_thread_and_after_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, file) = writer_in(&dir);
+        writer.submit(0, b"first".to_vec()).recv().unwrap().unwrap();
         // A thread that died leaves the writer writing inline.
         writer.jobs = None;
         writer
-            .submit(&file, 5, b"second".to_vec())
+            .submit(5, b"second".to_vec())
             .recv()
             .unwrap()
             .unwrap();
@@ -187,13 +182,8 @@ mod tests {
         use rustix::thread::sched_getaffinity;
         let allowed = sched_getaffinity(None).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(File::create(dir.path().join("log")).unwrap());
-        let mut writer = LogWriter::start();
-        writer
-            .submit(&file, 0, b"x".to_vec())
-            .recv()
-            .unwrap()
-            .unwrap();
+        let (mut writer, _) = writer_in(&dir);
+        writer.submit(0, b"x".to_vec()).recv().unwrap().unwrap();
         let tid = writer.placement.tid.unwrap();
         let theirs = sched_getaffinity(Some(tid)).unwrap();
         if allowed.count() < 2 {

@@ -33,6 +33,7 @@ const RECORD_HEADER: usize = 16;
 pub(crate) struct TurnLog {
     /// Shared with the thread that writes a record while its commit runs.
     file: std::sync::Arc<File>,
+    /// Writes and syncs a record while its commit runs.
     writer: LogWriter,
     /// Random id written in the header and stored with the database's sequence number, so a
     /// log from another database (a restored backup) is never applied to this one.
@@ -88,9 +89,10 @@ impl TurnLog {
             file.sync_all()?;
         }
         let records = scan(&file, capacity)?;
+        let file = std::sync::Arc::new(file);
         let log = Self {
-            file: std::sync::Arc::new(file),
-            writer: LogWriter::start(),
+            writer: LogWriter::start(file.clone()),
+            file,
             id,
             end: HEADER,
             capacity,
@@ -128,7 +130,7 @@ impl TurnLog {
             Err(e) => return Appending::done(at, 0, Err(e)),
         };
         let len = record.len() as u64;
-        let done = self.writer.submit(&self.file, at, record);
+        let done = self.writer.submit(at, record);
         Appending { at, len, done }
     }
 
