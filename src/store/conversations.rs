@@ -13,6 +13,10 @@ use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
 /// id → Conversation.
+/// How long the store must have had no commit running before a writer commits its own change
+/// inline (see `save_conversation`).
+const INLINE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
+
 pub(crate) const CONVERSATIONS: TableDefinition<u128, &[u8]> =
     TableDefinition::new("conversations");
 /// (user, character, lastActivity ms, conversation) → (): a user's conversations with a
@@ -167,7 +171,20 @@ impl Store {
         let chid = parse_id(&change.conversation.character_id)
             .ok_or_else(|| StoreError::NotFound(change.conversation.character_id.clone()))?;
         let (done, committer) = self.turns.enqueue(Queued { cid, chid, change });
-        if let Some(committer) = committer {
+        if let Some(mut committer) = committer {
+            // After a quiet spell this writer commits its own change on its own thread: that
+            // saves waking a blocking thread and being woken back (~0.1 ms at low load). Under
+            // load the hand-over of the worker that `block_in_place` costs outweighs it (c=32
+            // ran ~5 % slower). The rest (changes queued meanwhile, the idle checkpoint) goes
+            // to a blocking thread either way.
+            if committer.idle_for_at_least(INLINE_AFTER_IDLE)
+                && tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(|| {
+                    committer.commit_queued(|batch| self.commit_changes(batch))
+                });
+            }
             let store = self.clone();
             // If the runtime refuses the task, the committer is dropped and fails the queue.
             drop(tokio::task::spawn_blocking(move || {

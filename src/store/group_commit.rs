@@ -6,12 +6,15 @@
 //! turns a thread per waiter grew the blocking pool to its 512-thread limit.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The queue and whether a committer is running.
 struct Queue<C, R> {
     pending: Vec<(C, oneshot::Sender<R>)>,
     committing: bool,
+    /// When the last committer finished.
+    idle_since: Option<Instant>,
 }
 
 /// Changes waiting for the committer.
@@ -25,6 +28,7 @@ impl<C, R> Default for GroupCommit<C, R> {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),
                 committing: false,
+                idle_since: None,
             }),
         }
     }
@@ -44,6 +48,8 @@ pub(crate) struct Committer<C, R> {
     /// Set by `run`, under the queue lock, when it leaves an empty queue behind; from then on
     /// the queue may already belong to the next committer.
     finished: bool,
+    /// How long no committer had been running when this one was started (`None`: never).
+    idle_for: Option<Duration>,
 }
 
 impl<C, R> GroupCommit<C, R> {
@@ -59,11 +65,13 @@ impl<C, R> GroupCommit<C, R> {
         q.pending.push((change, tx));
         let start = !q.committing;
         q.committing = true;
+        let idle_for = q.idle_since.map(|t| t.elapsed());
         (
             rx,
             start.then(|| Committer {
                 group: self.clone(),
                 finished: false,
+                idle_for,
             }),
         )
     }
@@ -82,6 +90,7 @@ impl<C, R> Committer<C, R> {
                 if q.pending.is_empty() {
                     if idled {
                         q.committing = false;
+                        q.idle_since = Some(Instant::now());
                         self.finished = true;
                         break;
                     }
@@ -96,13 +105,33 @@ impl<C, R> Committer<C, R> {
                 continue;
             };
             idled = false;
-            let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
-            for (result, sender) in commit(changes).into_iter().zip(senders) {
-                // The writer may have gone away (its request was cancelled); the change is
-                // committed all the same.
-                let _ = sender.send(result);
-            }
+            answer(batch, &mut commit);
         }
+    }
+
+    /// Whether the store had been idle for at least `gap` before this committer started.
+    pub(crate) fn idle_for_at_least(&self, gap: Duration) -> bool {
+        self.idle_for.is_none_or(|d| d >= gap)
+    }
+
+    /// Commits the queue as it is now (the caller's own change among it) on the calling
+    /// thread, then stays the running committer: pass it on to [`Committer::run`] for whatever
+    /// queued meanwhile and the idle step.
+    pub(crate) fn commit_queued(&mut self, mut commit: impl FnMut(Vec<C>) -> Vec<R>) {
+        let batch = std::mem::take(&mut lock(&self.group.queue).pending);
+        if !batch.is_empty() {
+            answer(batch, &mut commit);
+        }
+    }
+}
+
+/// Commits `batch` and hands each writer its result.
+fn answer<C, R>(batch: Vec<(C, oneshot::Sender<R>)>, commit: &mut impl FnMut(Vec<C>) -> Vec<R>) {
+    let (changes, senders): (Vec<C>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
+    for (result, sender) in commit(changes).into_iter().zip(senders) {
+        // The writer may have gone away (its request was cancelled); the change is
+        // committed all the same.
+        let _ = sender.send(result);
     }
 }
 
@@ -208,6 +237,37 @@ mod tests {
         assert_eq!(rx1.await.ok(), Some(1));
         assert_eq!(late.expect("queued").await.ok(), Some(2));
         assert_eq!(idles, 2, "once after each batch that emptied the queue");
+    }
+
+    #[tokio::test]
+    async fn a_writer_commits_the_queue_on_its_own_thread_and_hands_the_rest_on() {
+        let g = Arc::new(GroupCommit::<u32, u32>::default());
+        let (rx1, committer) = g.enqueue(1);
+        let mut committer = committer.expect("the first writer starts the committer");
+        assert!(
+            committer.idle_for_at_least(Duration::from_secs(3600)),
+            "a store that never committed counts as idle"
+        );
+        let caller = std::thread::current().id();
+        let mut late = None;
+        committer.commit_queued(|batch| {
+            assert_eq!(std::thread::current().id(), caller);
+            // A writer arriving meanwhile joins the running committer's next batch.
+            let (rx, none) = g.enqueue(2);
+            assert!(none.is_none(), "still the running committer");
+            late = Some(rx);
+            batch.iter().map(|x| x * 10).collect()
+        });
+        assert_eq!(rx1.await.ok(), Some(10));
+        committer.run(|batch| batch.iter().map(|x| x * 10).collect(), || {});
+        assert_eq!(late.expect("queued").await.ok(), Some(20));
+        let (_rx, next) = g.enqueue(3);
+        let next = next.expect("an idle queue starts a new committer");
+        assert!(next.idle_for_at_least(Duration::ZERO));
+        assert!(
+            !next.idle_for_at_least(Duration::from_secs(3600)),
+            "the store committed just now"
+        );
     }
 
     #[tokio::test]
