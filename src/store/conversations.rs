@@ -238,10 +238,15 @@ impl Store {
             return Ok(self.publish(batch, accepted, usage));
         }
         let appending = log.start_append(lsn, &record);
-        let committed = self.commit_batch(batch, log.id, lsn, Durability::None);
+        // The caches are updated while the log syncs: readers of the database see the commit
+        // already, and the caches only follow it (they are dropped below if it cannot be made
+        // durable).
+        let published = self
+            .commit_batch(batch, log.id, lsn, Durability::None)
+            .map(|(accepted, usage)| self.publish(batch, accepted, usage));
         let written = log.finish_append(&appending);
-        let (accepted, usage) = match committed {
-            Ok(c) => c,
+        let results = match published {
+            Ok(r) => r,
             Err(e) => {
                 // Nothing was committed, so the record must never be applied: erased, or
                 // else its sequence number is stored as spent.
@@ -261,8 +266,8 @@ impl Store {
             // that it may not survive a crash. Retrying the changes would apply them twice.
             tracing::warn!(error = %e, "turn log write failed; committing durably instead");
             if let Err(e) = self.checkpoint(log) {
-                // The caches must not keep the older histories of conversations the database
-                // has moved past.
+                // The caches are dropped for these conversations, so the next read loads
+                // whatever the database holds.
                 for q in batch {
                     self.histories.invalidate(&q.cid);
                     self.cache.invalidate(&q.chid);
@@ -279,7 +284,7 @@ impl Store {
         } else {
             log.pending += batch.len();
         }
-        Ok(self.publish(batch, accepted, usage))
+        Ok(results)
     }
 
     /// Applies `batch` and records the log position `lsn` in one commit.
