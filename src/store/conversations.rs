@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
-/// id → Conversation.
 /// How long the store must have had no commit running before a writer commits its own change
 /// inline (see `save_conversation`).
 const INLINE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// id → Conversation.
 pub(crate) const CONVERSATIONS: TableDefinition<u128, &[u8]> =
     TableDefinition::new("conversations");
 /// (user, character, lastActivity ms, conversation) → (): a user's conversations with a

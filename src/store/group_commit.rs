@@ -65,13 +65,12 @@ impl<C, R> GroupCommit<C, R> {
         q.pending.push((change, tx));
         let start = !q.committing;
         q.committing = true;
-        let idle_for = q.idle_since.map(|t| t.elapsed());
         (
             rx,
             start.then(|| Committer {
                 group: self.clone(),
                 finished: false,
-                idle_for,
+                idle_for: q.idle_since.map(|t| t.elapsed()),
             }),
         )
     }
