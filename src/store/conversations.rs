@@ -177,10 +177,9 @@ impl Store {
             // load the hand-over of the worker that `block_in_place` costs outweighs it (c=32
             // ran ~5 % slower). The rest (changes queued meanwhile, the idle checkpoint) goes
             // to a blocking thread either way.
-            if committer.idle_for_at_least(INLINE_AFTER_IDLE)
-                && tokio::runtime::Handle::current().runtime_flavor()
-                    == tokio::runtime::RuntimeFlavor::MultiThread
-            {
+            let multi_threaded = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if multi_threaded && committer.idle_for_at_least(INLINE_AFTER_IDLE) {
                 tokio::task::block_in_place(|| {
                     committer.commit_queued(|batch| self.commit_changes(batch))
                 });
