@@ -826,6 +826,21 @@ mod tests {
         }
     }
 
+    /// Opens the file again once the last committer has let go of it: a committer answers its
+    /// writers before its idle step and drops its handle on the store only after that, so the
+    /// file can stay locked for a moment after the test's own handle is dropped.
+    async fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..500 {
+            match Store::open(path, &StoreConfig::default()) {
+                Err(StoreError::Db(redb::Error::DatabaseAlreadyOpen)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the store was still held after 5 s");
+    }
+
     #[tokio::test]
     async fn usage_moves_to_the_stats_from_the_records_count_without_rewriting_the_record() {
         let dir = tempfile::tempdir().unwrap();
@@ -868,7 +883,7 @@ mod tests {
         );
         store.checkpoint_turns().unwrap();
         drop(store);
-        let store = Store::open(&path, &StoreConfig::default()).unwrap();
+        let store = reopen(&path).await;
         assert_eq!(store.get_character(id).unwrap().unwrap().usage_count, 9);
     }
 
