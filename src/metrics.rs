@@ -66,6 +66,21 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// `taproom_http_requests_total` and `taproom_http_request_duration_seconds` of one label set.
+#[derive(Clone)]
+pub struct RequestSeries {
+    count: IntCounter,
+    duration: prometheus::Histogram,
+}
+
+impl RequestSeries {
+    /// Counts and times one request of this series.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        self.count.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// What a scrape reads from the rest of the application.
 pub struct Snapshot<'a> {
     /// Character cache (hits, misses) since start.
@@ -88,6 +103,21 @@ impl Metrics {
         self.http_duration
             .with_label_values(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The counter and histogram of one route, method and status, looked up once: a route that
+    /// holds them skips hashing its labels on every request.
+    pub fn request_series(
+        &self,
+        route: &str,
+        method: &str,
+        status: axum::http::StatusCode,
+    ) -> RequestSeries {
+        let labels = [route, method, status.as_str()];
+        RequestSeries {
+            count: self.http_requests.with_label_values(&labels),
+            duration: self.http_duration.with_label_values(&labels),
+        }
     }
 
     /// Registers every metric; `db_path` is the redb file whose size is reported.

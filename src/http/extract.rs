@@ -111,9 +111,19 @@ pub async fn uploads<S: Send + Sync>(
 
 /// Parses JSON, naming the offending field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // The plain parse is the common case and costs less; the path-tracking one runs only to
+    // name the field in an error.
+    let first = match serde_json::from_slice(bytes) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
-        Ok(v) => Ok(v),
+        // The value itself parsed, so what failed was the input after it.
+        Ok(_) => Err(ApiError::validation(
+            "body",
+            format!("malformed JSON: {first}"),
+        )),
         Err(err) => {
             let path = err.path().to_string();
             let inner = err.into_inner();

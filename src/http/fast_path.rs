@@ -10,22 +10,20 @@ use super::rate_limit::{self, Class};
 use super::{openai, request_id, AppState};
 use crate::config::Config;
 use crate::error::ApiError;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
+use crate::metrics::RequestSeries;
+use axum::body::Body;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Layer, ServiceExt};
-use tower_http::compression::Compression;
+use tower_http::compression::{CompressionLayer, Predicate};
 use tracing::Instrument;
 
 /// The one route served here.
@@ -35,9 +33,12 @@ pub const ROUTE: &str = "/v1/chat/completions";
 pub struct FastPath {
     state: AppState,
     cors: CorsHeaders,
-    compression: Compression<Handler, super::Compressible>,
+    compression: CompressionLayer<super::Compressible>,
+    compressible: super::Compressible,
     body_limit: usize,
     timeout: Duration,
+    /// The metrics series of a 200, the answer nearly every request gets.
+    ok_series: RequestSeries,
 }
 
 impl FastPath {
@@ -46,9 +47,11 @@ impl FastPath {
         let config = state.config.clone();
         Self {
             cors: CorsHeaders::new(&config),
-            compression: super::compression().layer(Handler(state.clone())),
+            compression: super::compression(),
+            compressible: super::compressible(),
             body_limit: config.http.body_limit_bytes,
             timeout: config.request_timeout(),
+            ok_series: state.metrics.request_series(ROUTE, "POST", StatusCode::OK),
             state,
         }
     }
@@ -80,9 +83,14 @@ impl FastPath {
                 Err(_) => StatusCode::GATEWAY_TIMEOUT.into_response(),
             })
         };
-        let mut response = request_id::scope(id.clone(), answer)
-            .instrument(span.clone())
-            .await;
+        // A disabled span (the access log off) is not worth entering on every poll.
+        let mut response = if span.is_disabled() {
+            request_id::scope(id.clone(), answer).await
+        } else {
+            request_id::scope(id.clone(), answer)
+                .instrument(span.clone())
+                .await
+        };
         self.cors.apply(origin.as_ref(), response.headers_mut());
         request_id::stamp(&mut response, &id, http1);
         let elapsed = started.elapsed();
@@ -93,13 +101,17 @@ impl FastPath {
                 "served"
             )
         });
-        self.state
-            .metrics
-            .observe_request(ROUTE, "POST", response.status(), elapsed);
+        if response.status() == StatusCode::OK {
+            self.ok_series.observe(elapsed);
+        } else {
+            self.state
+                .metrics
+                .observe_request(ROUTE, "POST", response.status(), elapsed);
+        }
         response
     }
 
-    /// Body limit, rate limit, then the handler behind compression.
+    /// Body limit, rate limit, the handler, then compression.
     async fn respond(&self, req: Request<Incoming>, peer: SocketAddr) -> Response {
         let (parts, body) = req.into_parts();
         if body.size_hint().lower() > self.body_limit as u64 {
@@ -120,37 +132,34 @@ impl FastPath {
                     .into_response()
             }
         };
+        let response = openai::complete(&self.state, &parts.headers, bytes).await;
+        self.compress(parts, response).await
+    }
+
+    /// The router's compression layer, applied to the finished response. What the layer would
+    /// pass through untouched (a reply under a kilobyte, an event stream: nearly every reply
+    /// here) skips it, and with it the layer's body wrapper.
+    async fn compress(&self, request: Parts, response: Response) -> Response {
+        let headers = response.headers();
+        if headers.contains_key(header::CONTENT_ENCODING)
+            || headers.contains_key(header::CONTENT_RANGE)
+            || !self.compressible.should_compress(&response)
+        {
+            return response;
+        }
+        let mut once = Some(response);
+        let finished = tower::service_fn(move |_: Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(once.take().unwrap_or_default()))
+        });
         match self
             .compression
-            .clone()
-            .oneshot(Request::from_parts(parts, bytes))
+            .layer(finished)
+            .oneshot(Request::from_parts(request, ()))
             .await
         {
             Ok(response) => response.map(Body::new),
             Err(never) => match never {},
         }
-    }
-}
-
-/// The chat-completions handler as a tower service, so tower-http's compression can wrap it.
-#[derive(Clone)]
-pub struct Handler(AppState);
-
-impl tower::Service<Request<Bytes>> for Handler {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let state = self.0.clone();
-        Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            Ok(openai::chat_completions(State(state), parts.headers, body).await)
-        })
     }
 }
 

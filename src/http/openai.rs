@@ -328,7 +328,13 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match chat(&state, &headers, body).await {
+    complete(&state, &headers, body).await
+}
+
+/// The chat completion for a read body, errors in the OpenAI shape; the fast path calls it
+/// directly.
+pub async fn complete(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response {
+    match chat(state, headers, body).await {
         Ok(r) => r,
         Err(e) => openai_error(&e),
     }

@@ -451,9 +451,15 @@ impl Upstream {
         body: Bytes,
         stream: bool,
     ) -> Result<PassthroughResponse, UpstreamError> {
-        let uri = format!("{}/{}", self.url, path.trim_start_matches('/'))
-            .parse::<Uri>()
-            .map_err(|e| self.err(UpstreamErrorKind::Rejected, format!("bad path: {e}")))?;
+        let path = path.trim_start_matches('/');
+        // The chat route is every NextChat message; its URI is built once, at startup.
+        let uri = if path == "chat/completions" {
+            self.completions_uri.clone()
+        } else {
+            format!("{}/{path}", self.url)
+                .parse::<Uri>()
+                .map_err(|e| self.err(UpstreamErrorKind::Rejected, format!("bad path: {e}")))?
+        };
         let (resp, permit) = self
             .attempts(&self.policy, || {
                 let uri = uri.clone();
