@@ -98,11 +98,7 @@ impl Metrics {
         status: axum::http::StatusCode,
         elapsed: std::time::Duration,
     ) {
-        let labels = [route, method, status.as_str()];
-        self.http_requests.with_label_values(&labels).inc();
-        self.http_duration
-            .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
+        self.request_series(route, method, status).observe(elapsed);
     }
 
     /// The counter and histogram of one route, method and status, looked up once: a route that
