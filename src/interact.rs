@@ -832,11 +832,16 @@ impl InteractService {
         Ok((message, history))
     }
 
+    /// A whole (non-streaming) turn or regeneration, as the spec's
+    /// CharacterInteractionResponse.
+    pub async fn run(&self, p: Prepared) -> Result<Value, ApiError> {
+        Ok(self.run_turn(p).await?.response_json())
+    }
+
     /// A whole (non-streaming) turn or regeneration. The user message and the reply are stored
     /// in one durable commit before the response (a turn waits for one commit, not two); when
     /// no reply comes (upstream failure, a plugin veto) the user message is stored on its own.
-    /// Returns the spec's CharacterInteractionResponse.
-    pub async fn run(&self, p: Prepared) -> Result<Value, ApiError> {
+    pub async fn run_turn(&self, p: Prepared) -> Result<Turn, ApiError> {
         let outcome = async {
             let generated = match &p.short_circuit {
                 Some((plugin, reply)) => plugin_reply(plugin, reply),
@@ -861,9 +866,11 @@ impl InteractService {
         };
         let with_pending = !p.pending.is_empty();
         let (message, history) = self.store_reply(&p, generated, with_pending).await?;
-        let mut v = response_json(&message, &history);
-        attach_plugin_meta(&mut v, &p, &after);
-        Ok(v)
+        Ok(Turn {
+            plugins: plugin_meta(&p, &after),
+            message,
+            history,
+        })
     }
 
     fn enabled_bindings(
@@ -1114,6 +1121,25 @@ pub fn response_json(message: &StoredMessage, history: &History) -> Value {
         },
         "usage": usage,
     })
+}
+
+/// A finished whole turn: the stored reply, the conversation after it, and the plugin marker.
+pub struct Turn {
+    pub message: StoredMessage,
+    pub history: Arc<History>,
+    /// The response's `plugins` field, if any.
+    pub plugins: Option<Value>,
+}
+
+impl Turn {
+    /// The spec's CharacterInteractionResponse.
+    pub fn response_json(self) -> Value {
+        let mut v = response_json(&self.message, &self.history);
+        if let Some(plugins) = self.plugins {
+            v["plugins"] = plugins;
+        }
+        v
+    }
 }
 
 /// A stable hash of a request body, to recognise a reused Idempotency-Key.
@@ -1370,18 +1396,19 @@ fn plugin_failed(f: &crate::plugins::PluginFailure) -> ApiError {
     .with_details(serde_json::to_value(f).unwrap_or(Value::Null))
 }
 
-fn attach_plugin_meta(v: &mut Value, p: &Prepared, after: &AfterReport) {
+/// The response's `plugins` marker, when the character has plugins or some were skipped.
+fn plugin_meta(p: &Prepared, after: &AfterReport) -> Option<Value> {
     let mut notes = p.plugin_notes.clone();
     notes.extend(after.notes.iter().cloned());
     if p.bindings.is_empty() && notes.is_empty() {
-        return;
+        return None;
     }
-    v["plugins"] = json!({
+    Some(json!({
         "shortCircuit": p.short_circuit.as_ref().map(|(name, _)| name),
         "replaced": after.replaced,
         "vetoed": after.vetoed,
         "skipped": notes,
-    });
+    }))
 }
 
 impl InteractService {
@@ -1393,8 +1420,11 @@ impl InteractService {
     ) -> Result<Value, ApiError> {
         let (generated, after) = self.after_hooks(p, generated).await?;
         let (message, history) = self.finish(p, generated).await?;
-        let mut v = response_json(&message, &history);
-        attach_plugin_meta(&mut v, p, &after);
-        Ok(v)
+        Ok(Turn {
+            plugins: plugin_meta(p, &after),
+            message,
+            history,
+        }
+        .response_json())
     }
 }

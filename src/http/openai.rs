@@ -11,6 +11,7 @@ use super::AppState;
 use crate::auth::User;
 use crate::error::{ApiError, ErrorCode};
 use crate::interact::{upstream_error, GenEvent, InteractParams, Prepared, TurnInput};
+use crate::model::TokenUsage;
 use crate::store::{CharacterQuery, CharacterSort, Scope};
 use crate::upstream::{ChatMessage, GenParams, GenerateRequest, StreamEvent};
 use axum::body::{Body, Bytes};
@@ -502,17 +503,13 @@ async fn character_chat(
     let mut response = if req.stream {
         stream_response(state, prepared, model)
     } else {
-        let v = state.interact.run(prepared).await?;
-        let content = v["response"]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let finish = v["response"]["metadata"]["finishReason"]
-            .as_str()
-            .unwrap_or("stop")
-            .to_string();
-        let usage = &v["usage"];
-        axum::Json(completion_json(&model, &content, &finish, usage)).into_response()
+        // Only the reply's text, finish reason and usage go out: the spec's interaction
+        // response (its context and lorebook state) is never built here.
+        let turn = state.interact.run_turn(prepared).await?;
+        let m = &turn.message;
+        let finish = m.finish_reason.as_deref().unwrap_or("stop");
+        let usage = m.usage.unwrap_or_default();
+        axum::Json(completion_json(&model, &m.content, finish, &usage)).into_response()
     };
     if let Ok(v) = HeaderValue::from_str(&cid) {
         response.headers_mut().insert("x-taproom-conversation", v);
@@ -528,7 +525,7 @@ fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn completion_json(model: &str, content: &str, finish: &str, usage: &Value) -> Value {
+fn completion_json(model: &str, content: &str, finish: &str, usage: &TokenUsage) -> Value {
     json!({
         "id": completion_id(),
         "object": "chat.completion",
@@ -540,9 +537,9 @@ fn completion_json(model: &str, content: &str, finish: &str, usage: &Value) -> V
             "finish_reason": openai_finish(finish),
         }],
         "usage": {
-            "prompt_tokens": usage["promptTokens"].as_u64().unwrap_or(0),
-            "completion_tokens": usage["completionTokens"].as_u64().unwrap_or(0),
-            "total_tokens": usage["totalTokens"].as_u64().unwrap_or(0),
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
         },
     })
 }
@@ -745,7 +742,11 @@ async fn background(
     };
     if !req.stream {
         let r = upstream.generate(&request).await.map_err(upstream_error)?;
-        let usage = json!({"promptTokens": r.usage.prompt_tokens, "completionTokens": r.usage.completion_tokens, "totalTokens": r.usage.total_tokens});
+        let usage = TokenUsage {
+            prompt_tokens: r.usage.prompt_tokens,
+            completion_tokens: r.usage.completion_tokens,
+            total_tokens: r.usage.total_tokens,
+        };
         return Ok(
             axum::Json(completion_json(model, &r.content, &r.finish_reason, &usage))
                 .into_response(),
