@@ -259,7 +259,14 @@ async fn nextchat_turns_title_and_summary_keep_the_stored_conversation_clean() {
     assert_ne!(new_cid, cid);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "echo: New chat");
-    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let usage = &v["usage"];
+    let (prompt, completion) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(prompt > 0 && completion > 0, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
     let r = s
         .client
         .post(s.url("/v1/chat/completions"))
