@@ -122,11 +122,7 @@ impl From<GenerateResult> for Generated {
         Self {
             content: r.content,
             model: r.model,
-            usage: TokenUsage {
-                prompt_tokens: r.usage.prompt_tokens,
-                completion_tokens: r.usage.completion_tokens,
-                total_tokens: r.usage.total_tokens,
-            },
+            usage: r.usage.into(),
             finish_reason: r.finish_reason,
             character_state: r.character_state,
             generation_time_ms: r.generation_time_ms,

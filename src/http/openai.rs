@@ -742,15 +742,13 @@ async fn background(
     };
     if !req.stream {
         let r = upstream.generate(&request).await.map_err(upstream_error)?;
-        let usage = TokenUsage {
-            prompt_tokens: r.usage.prompt_tokens,
-            completion_tokens: r.usage.completion_tokens,
-            total_tokens: r.usage.total_tokens,
-        };
-        return Ok(
-            axum::Json(completion_json(model, &r.content, &r.finish_reason, &usage))
-                .into_response(),
-        );
+        return Ok(axum::Json(completion_json(
+            model,
+            &r.content,
+            &r.finish_reason,
+            &r.usage.into(),
+        ))
+        .into_response());
     }
     let stream = upstream.stream(&request).await.map_err(upstream_error)?;
     let id = completion_id();

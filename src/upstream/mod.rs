@@ -124,6 +124,17 @@ pub struct TokenUsage {
     pub total_tokens: u64,
 }
 
+/// The counts as stored with a reply and sent to clients.
+impl From<TokenUsage> for crate::model::TokenUsage {
+    fn from(u: TokenUsage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
 /// A complete reply.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
