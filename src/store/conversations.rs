@@ -5,7 +5,7 @@
 use super::characters::parse_id;
 use super::group_commit::lock;
 use super::turn_log::{Record, TurnLog};
-use super::{decode_record, encode_record, Store, StoreError, CHARACTERS, META};
+use super::{decode_record, encode_record, record_json, Store, StoreError, CHARACTERS, META};
 use crate::model::{Character, Conversation, StoredMessage};
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,65 @@ pub(crate) struct Queued {
     cid: u128,
     chid: u128,
     change: ConversationChange,
+    /// The change's conversation record as stored (`encode_record`).
+    conversation: Vec<u8>,
+    /// Its upserted messages as stored, in order.
+    upserts: Vec<Vec<u8>>,
+}
+
+impl Queued {
+    /// Encodes the change's records once: the same bytes go into the tables and, spliced into
+    /// the turn log record, stand for the conversation and messages there.
+    fn new(cid: u128, chid: u128, change: ConversationChange) -> Result<Self, StoreError> {
+        Ok(Self {
+            cid,
+            chid,
+            conversation: encode_record(&change.conversation)?,
+            upserts: change
+                .upserts
+                .iter()
+                .map(encode_record)
+                .collect::<Result<_, _>>()?,
+            change,
+        })
+    }
+}
+
+/// The turn log record of `batch`: the JSON array of its `ConversationChange`s, byte for byte
+/// what serializing them gives, but with the conversation and message records already encoded
+/// for the tables spliced in instead of serialized a second time.
+fn log_record(batch: &[Queued]) -> Result<Vec<u8>, StoreError> {
+    let size: usize = batch
+        .iter()
+        .map(|q| q.conversation.len() + q.upserts.iter().map(Vec::len).sum::<usize>() + 128)
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    out.push(b'[');
+    for (i, q) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"conversation\":");
+        out.extend_from_slice(record_json(&q.conversation));
+        out.extend_from_slice(b",\"previous\":");
+        serde_json::to_writer(&mut out, &q.change.previous)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        out.extend_from_slice(b",\"upserts\":[");
+        for (j, m) in q.upserts.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(record_json(m));
+        }
+        out.extend_from_slice(b"],\"removed\":");
+        serde_json::to_writer(&mut out, &q.change.removed)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        out.extend_from_slice(b",\"usageDelta\":");
+        out.extend_from_slice(q.change.usage_delta.to_string().as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
+    Ok(out)
 }
 
 /// META key of the turn log's id and the sequence number of the last commit: 16 + 8 bytes.
@@ -170,7 +229,9 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt("conversation id".into()))?;
         let chid = parse_id(&change.conversation.character_id)
             .ok_or_else(|| StoreError::NotFound(change.conversation.character_id.clone()))?;
-        let (done, committer) = self.turns.enqueue(Queued { cid, chid, change });
+        // Encoded here, on the writer's own thread, rather than by the committer that every
+        // writer waits for.
+        let (done, committer) = self.turns.enqueue(Queued::new(cid, chid, change)?);
         if let Some(mut committer) = committer {
             // After a quiet spell this writer commits its own change on its own thread: that
             // saves waking a blocking thread and being woken back (~0.1 ms at low load). Under
@@ -226,9 +287,7 @@ impl Store {
         log: &mut TurnLog,
         batch: &[Queued],
     ) -> Result<Vec<Result<Arc<History>, StoreError>>, StoreError> {
-        let changes: Vec<&ConversationChange> = batch.iter().map(|q| &q.change).collect();
-        let record =
-            serde_json::to_vec(&changes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let record = log_record(batch)?;
         let lsn = log.last_lsn + 1;
         if !log.fits(record.len()) {
             let (accepted, usage) = self.commit_batch(batch, log.id, lsn, Durability::Immediate)?;
@@ -361,7 +420,7 @@ impl Store {
                 ) else {
                     continue;
                 };
-                batch.push(Queued { cid, chid, change });
+                batch.push(Queued::new(cid, chid, change)?);
             }
             apply_changes(&txn, &batch)?;
             applied += batch.len();
@@ -689,8 +748,7 @@ fn apply_changes(txn: &WriteTransaction, batch: &[Queued]) -> Result<Applied, St
         let mut msgs = txn.open_table(MESSAGES)?;
         let mut stats_table = txn.open_table(CHARACTER_STATS)?;
         for q in batch {
-            let Queued { cid, chid, change } = q;
-            let (cid, chid) = (*cid, *chid);
+            let (cid, chid, change) = (q.cid, q.chid, &q.change);
             // The character must still exist: a conversation never outlives it.
             let Some(record) = chars.get(chid)? else {
                 accepted.push(false);
@@ -710,19 +768,15 @@ fn apply_changes(txn: &WriteTransaction, batch: &[Queued]) -> Result<Applied, St
                 ),
                 (),
             )?;
-            let existed = convs
-                .insert(cid, encode_record(conversation)?.as_slice())?
-                .is_some();
+            let existed = convs.insert(cid, q.conversation.as_slice())?.is_some();
             // Its character-index key never changes: rewriting it would only dirty pages
             // that the commit then has to write and sync.
             if !existed {
                 by_character.insert((chid, cid), ())?;
             }
             let mut new_messages = 0u64;
-            for m in &change.upserts {
-                let existed = msgs
-                    .insert((cid, m.seq), encode_record(m)?.as_slice())?
-                    .is_some();
+            for (m, encoded) in change.upserts.iter().zip(&q.upserts) {
+                let existed = msgs.insert((cid, m.seq), encoded.as_slice())?.is_some();
                 new_messages += u64::from(!existed);
             }
             let mut removed_count = 0u64;
@@ -885,6 +939,48 @@ mod tests {
         drop(store);
         let store = reopen(&path).await;
         assert_eq!(store.get_character(id).unwrap().unwrap().usage_count, 9);
+    }
+
+    #[test]
+    fn the_log_record_is_the_serialized_changes_with_the_stored_records_spliced_in() {
+        let first = history(2, 10);
+        let mut second = history(0, 0);
+        // Text that JSON must escape, a removal and a previous record exercise every field.
+        second.conversation.title = Some("quote \" and \u{2028} and \\".into());
+        let mut message = new_message(7, MessageRole::Character, "Sera", "line\nbreak".into());
+        message.swipes = vec!["a".into(), "b\t".into()];
+        let changes = vec![
+            ConversationChange {
+                conversation: first.conversation.clone(),
+                previous: None,
+                upserts: first.messages.iter().map(|m| (**m).clone()).collect(),
+                removed: vec![],
+                usage_delta: 1,
+            },
+            ConversationChange {
+                conversation: second.conversation.clone(),
+                previous: Some(first.conversation.clone()),
+                upserts: vec![message],
+                removed: vec![3, 4],
+                usage_delta: 0,
+            },
+        ];
+        let batch: Vec<Queued> = changes
+            .iter()
+            .map(|c| Queued::new(1, 2, c.clone()).unwrap())
+            .collect();
+        let record = log_record(&batch).unwrap();
+        assert_eq!(
+            String::from_utf8(record.clone()).unwrap(),
+            String::from_utf8(serde_json::to_vec(&changes).unwrap()).unwrap()
+        );
+        // What replay reads back is what was queued.
+        let back: Vec<ConversationChange> = serde_json::from_slice(&record).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&changes).unwrap()
+        );
+        assert_eq!(log_record(&[]).unwrap(), b"[]");
     }
 
     #[test]

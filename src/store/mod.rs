@@ -429,6 +429,11 @@ pub(crate) fn encode_record<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, S
     Ok(out)
 }
 
+/// The JSON text of a record `encode_record` wrote: what follows its format version byte.
+pub(crate) fn record_json(record: &[u8]) -> &[u8] {
+    record.get(1..).unwrap_or_default()
+}
+
 /// Decodes a record written by `encode_record`.
 pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
