@@ -53,7 +53,8 @@ pub struct CharacterStats {
 
 /// One conversation change: the new record, the record it replaces (None for a new
 /// conversation), new or changed messages, removed seqs, and new turns for usageCount. It is
-/// also what the turn log records.
+/// also what the turn log records. `log_record` writes it field by field: a new field goes
+/// there too (its test compares the two byte for byte).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationChange {
