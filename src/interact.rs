@@ -106,6 +106,19 @@ pub struct Prepared {
     pub plugin_notes: Vec<Value>,
 }
 
+impl Prepared {
+    /// Frees what only the upstream request needed: the prompt's messages, held twice (as
+    /// assembled and as sent). A stream holds its turn until it ends, and with a long chat
+    /// those copies are most of what it holds.
+    fn release_prompt(&mut self) {
+        self.prompt.messages = Vec::new();
+        self.request.messages = Vec::new();
+        self.request.history = Vec::new();
+        self.request.user_input = String::new();
+        self.request.override_settings = None;
+    }
+}
+
 /// How a generation ended, for storage.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -1156,7 +1169,8 @@ pub enum GenEvent {
     /// The stored reply: the spec's CharacterInteractionResponse.
     Done(Value),
     /// The generation failed; a partial reply (if any) was stored with `finishReason: "error"`.
-    Error(ApiError),
+    /// Boxed: the channel's slots are as large as the largest event, and errors are rare.
+    Error(Box<ApiError>),
     /// The generation was cancelled; the partial reply (if any) was stored with
     /// `finishReason: "cancelled"` and is given here.
     Cancelled(Option<Value>),
@@ -1166,10 +1180,11 @@ impl InteractService {
     /// Streams a prepared generation into `tx` (a bounded channel, so a slow client slows the
     /// upstream read instead of growing a buffer). When the receiver goes away or `cancel` fires,
     /// the upstream stream is dropped at once (which aborts the upstream request) and the
-    /// partial reply is stored with `finishReason: "cancelled"`.
+    /// partial reply is stored with `finishReason: "cancelled"`. The turn comes boxed: the task
+    /// lives as long as the stream, and an async fn keeps its own copy of a by-value argument.
     pub async fn run_stream(
         &self,
-        p: Prepared,
+        mut p: Box<Prepared>,
         tx: tokio::sync::mpsc::Sender<GenEvent>,
         cancel: tokio_util::sync::CancellationToken,
     ) {
@@ -1181,14 +1196,14 @@ impl InteractService {
                 Box::pin(self.save_pending(&p)).await.map(Some)
             };
             if let Err(e) = saved {
-                let _ = tx.send(GenEvent::Error(e)).await;
+                let _ = tx.send(GenEvent::Error(Box::new(e))).await;
                 return;
             }
             let _ = tx.send(GenEvent::Delta(reply.clone())).await;
             let event =
                 match Box::pin(self.finish_with_hooks(&p, plugin_reply(&plugin, &reply))).await {
                     Ok(v) => GenEvent::Done(v),
-                    Err(e) => GenEvent::Error(e),
+                    Err(e) => GenEvent::Error(Box::new(e)),
                 };
             let _ = tx.send(event).await;
             return;
@@ -1216,16 +1231,17 @@ impl InteractService {
             }
         );
         if let Err(e) = saved {
-            let _ = tx.send(GenEvent::Error(e)).await;
+            let _ = tx.send(GenEvent::Error(Box::new(e))).await;
             return;
         }
         let (mut upstream, mut first) = match opened {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx.send(GenEvent::Error(upstream_error(e))).await;
+                let _ = tx.send(GenEvent::Error(Box::new(upstream_error(e)))).await;
                 return;
             }
         };
+        p.release_prompt();
         let mut partial = String::new();
         // Made once: a fresh `cancelled()`/`closed()` per event would register and unregister a
         // waiter (two locks) for every delta.
@@ -1274,7 +1290,7 @@ impl InteractService {
             Ok(generated) => {
                 let event = match Box::pin(self.finish_with_hooks(&p, generated)).await {
                     Ok(v) => GenEvent::Done(v),
-                    Err(e) => GenEvent::Error(e),
+                    Err(e) => GenEvent::Error(Box::new(e)),
                 };
                 let _ = tx.send(event).await;
             }
@@ -1308,7 +1324,7 @@ impl InteractService {
                     }
                 };
                 let _ = match error {
-                    Some(e) => tx.send(GenEvent::Error(e)).await,
+                    Some(e) => tx.send(GenEvent::Error(Box::new(e))).await,
                     None => tx.send(GenEvent::Cancelled(response)).await,
                 };
             }

@@ -617,6 +617,8 @@ fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Respo
     let cancel = tokio_util::sync::CancellationToken::new();
     let service = state.interact.clone();
     let task_cancel = cancel.clone();
+    // Boxed out here: the spawned block would otherwise hold the whole turn inline.
+    let prepared = Box::new(prepared);
     tokio::spawn(async move { service.run_stream(prepared, tx, task_cancel).await });
     let guard = cancel.drop_guard();
     let id = completion_id();
