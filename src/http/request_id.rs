@@ -21,9 +21,13 @@ pub fn current() -> String {
     REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
 }
 
-/// Runs `fut` with `id` as the current request id.
-pub async fn scope<F: std::future::Future>(id: String, fut: F) -> F::Output {
-    REQUEST_ID.scope(id, fut).await
+/// Runs `fut` with `id` as the current request id. Not an `async fn`: that would hold `fut`
+/// twice (its argument and the scoped future it awaits), and `fut` is a whole request.
+pub fn scope<F: std::future::Future>(
+    id: String,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<String, F> {
+    REQUEST_ID.scope(id, fut)
 }
 
 /// The client's id when it is usable, else a new one.
