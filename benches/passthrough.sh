@@ -20,6 +20,8 @@
 #        N_STREAMS=1000 CHUNKS=100 CHUNK_DELAY_MS=20 STREAM_SECS=15 STREAM_ROUNDS=2
 #        CASES="overhead streams" (either or both)
 #        TARGETS="direct char interact" (targets of both cases; default all, LiteLLM when installed)
+#        CHAR_CARD=path: the char and interact targets talk to this imported card (PNG, JSON or
+#        CharX; e.g. ../shared/fixtures/sillytavern/default_Seraphina.png) instead of "Bench"
 #        QUIET_CORES=0.25 QUIET_WAIT=180 ATTEMPTS=3: the machine is shared; before each case wait
 #        (QUIET_WAIT s at most) until other processes use under QUIET_CORES, and measure a case
 #        again (ATTEMPTS in all) when they used more during it.
@@ -75,6 +77,7 @@ wait_http() { # url: until it answers (any status), 60 s at most
   echo "taproom binary $(stat -c '%y' "$TAPROOM_BIN")"
   echo "cores $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
   echo "oha $("$OHA" --version | cut -d' ' -f2)"
+  echo "character: ${CHAR_CARD:-Bench (a short card created here)}"
 } >"$OUT/machine.txt"
 
 # ---- the processes -------------------------------------------------------------------------
@@ -92,10 +95,20 @@ start_taproom() { # a fresh data dir, a token and the Bench character each time
   TP_PID=$!; STARTED[$TP_PID]=taproom
   wait_http "http://127.0.0.1:$TP/healthz"
   JWT=$("$TAPROOM_BIN" token --sub bench --config "$WORK/taproom.toml" --data-dir "$data")
-  CHAR_ID=$(curl -sf "http://127.0.0.1:$TP/api/characters" -H "authorization: Bearer $JWT" \
-    -H 'content-type: application/json' \
-    -d '{"name":"Bench","description":"A terse test character who answers briefly.","personality":{"personality":"calm, precise","scenario":"A quiet benchmark room.","firstMes":"Hello, {{user}}."}}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  if [[ -n ${CHAR_CARD:-} ]]; then
+    local made; made=$(curl -sf "http://127.0.0.1:$TP/api/characters/import" \
+      -H "authorization: Bearer $JWT" -H 'content-type: application/octet-stream' \
+      --data-binary "@$CHAR_CARD" |
+      python3 -c 'import json,sys; c=json.load(sys.stdin); print(c["id"], c["slug"])')
+    CHAR_ID=${made% *}
+    JBODY[char]=${JBODY[char]/char-bench/char-${made#* }}
+    SBODY[char]=${SBODY[char]/char-bench/char-${made#* }}
+  else
+    CHAR_ID=$(curl -sf "http://127.0.0.1:$TP/api/characters" -H "authorization: Bearer $JWT" \
+      -H 'content-type: application/json' \
+      -d '{"name":"Bench","description":"A terse test character who answers briefly.","personality":{"personality":"calm, precise","scenario":"A quiet benchmark room.","firstMes":"Hello, {{user}}."}}' |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  fi
   AUTH[taproom]="Bearer $JWT"; AUTH[taproom_id]="Bearer $JWT"; AUTH[char]="Bearer $JWT"
   AUTH[interact]="Bearer $JWT"
   URL[interact]=http://127.0.0.1:$TP/api/characters/$CHAR_ID/interact

@@ -21,6 +21,14 @@ LABEL = {
     "interact": "Taproom interact",
     "litellm": "LiteLLM",
 }
+# With CHAR_CARD the char target is that card, named after its file.
+try:
+    with open(os.path.join(OUT, "machine.txt")) as f:
+        card = next((l.split(":", 1)[1].strip() for l in f if l.startswith("character: /")), None)
+except OSError:
+    card = None
+if card:
+    LABEL["char"] = "Taproom `char-*` (" + os.path.basename(card) + ")"
 
 
 def med(xs):
