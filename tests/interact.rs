@@ -1244,3 +1244,76 @@ async fn usage_counts_follow_turns_in_details_lists_and_the_usage_sort() {
         .collect();
     assert_eq!(listed, vec![("Thrice", 3), ("Once", 1), ("Never", 0)]);
 }
+
+#[tokio::test]
+async fn a_streamed_turn_stores_its_lorebook_state_for_the_next_turn() {
+    // The stream frees the turn's prompt once the upstream has it; what the next turn needs
+    // from it (the lorebook's sticky state) must still be stored with the reply.
+    let fake = FakeUpstream::start().await;
+    let s = start(&fake, "").await;
+    let t = token("ann");
+    let book = json!({"name": "Lore", "scan_depth": 1, "entries": [{
+        "keys": ["dragon"], "content": "DRAGON LORE: the wyrm sleeps under the hill.",
+        "enabled": true, "insertion_order": 1, "extensions": {"sticky": 2}
+    }]});
+    let c = s
+        .create_character(
+            &t,
+            json!({"name": "Keeper", "personality": {"firstMes": "Hail.", "characterBook": book}}),
+        )
+        .await;
+    let id = c["id"].as_str().unwrap();
+    let prompt_has_lore = |fake: &FakeUpstream| {
+        let req = fake.requests().last().cloned().unwrap();
+        req.body["messages"].to_string().contains("DRAGON LORE")
+    };
+
+    let text = s
+        .post_json(
+            &format!("/api/characters/{id}/interact"),
+            Some(&t),
+            &json!({"message": "Tell me of the dragon", "parameters": {"stream": true}}),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = support::sse::parse(&text);
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last, "done", "{text}");
+    assert!(prompt_has_lore(&fake), "the key fires the entry");
+    let done: Value = serde_json::from_str(done).unwrap();
+    let cid = done["conversationId"].as_str().unwrap().to_owned();
+    let usage = &done["usage"];
+    assert!(usage["promptTokens"].as_u64().unwrap() > 0, "{done}");
+
+    // No key now, and a scan depth of one message: only the sticky state stored by the
+    // streamed turn keeps the entry in the prompt.
+    let (status, v) = interact(
+        &s,
+        &t,
+        id,
+        json!({"message": "And then?", "conversationId": cid}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        prompt_has_lore(&fake),
+        "sticky keeps the entry after a streamed turn"
+    );
+
+    // A conversation whose first turn did not fire it has no sticky entry to keep.
+    let (status, v) = interact(&s, &t, id, json!({"message": "Hello"})).await;
+    assert_eq!(status, 200, "{v}");
+    let cid2 = v["conversationId"].as_str().unwrap().to_owned();
+    assert!(!prompt_has_lore(&fake));
+    let (status, _) = interact(
+        &s,
+        &t,
+        id,
+        json!({"message": "And then?", "conversationId": cid2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!prompt_has_lore(&fake), "no key, no sticky state");
+}
