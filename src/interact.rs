@@ -1177,12 +1177,25 @@ pub enum GenEvent {
 }
 
 impl InteractService {
-    /// Streams a prepared generation into `tx` (a bounded channel, so a slow client slows the
-    /// upstream read instead of growing a buffer). When the receiver goes away or `cancel` fires,
-    /// the upstream stream is dropped at once (which aborts the upstream request) and the
-    /// partial reply is stored with `finishReason: "cancelled"`. The turn comes boxed: the task
-    /// lives as long as the stream, and an async fn keeps its own copy of a by-value argument.
-    pub async fn run_stream(
+    /// Streams a prepared generation into `tx` on a task of its own (a bounded channel, so a slow
+    /// client slows the upstream read instead of growing a buffer). When the receiver goes away
+    /// or `cancel` fires, the upstream stream is dropped at once (which aborts the upstream
+    /// request) and the partial reply is stored with `finishReason: "cancelled"`.
+    pub fn spawn_stream(
+        &self,
+        p: Prepared,
+        tx: tokio::sync::mpsc::Sender<GenEvent>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        // Boxed before the spawn: the task lives as long as the stream, and both the spawned
+        // block and the async fn would otherwise hold the whole turn inline.
+        let p = Box::new(p);
+        let service = self.clone();
+        tokio::spawn(async move { service.run_stream(p, tx, cancel).await });
+    }
+
+    /// The generation task of [`InteractService::spawn_stream`].
+    async fn run_stream(
         &self,
         mut p: Box<Prepared>,
         tx: tokio::sync::mpsc::Sender<GenEvent>,

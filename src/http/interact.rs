@@ -187,11 +187,7 @@ struct DeltaData<'a> {
 fn sse_response(state: AppState, prepared: Prepared) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(STREAM_BUFFER);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let service = state.interact.clone();
-    let task_cancel = cancel.clone();
-    // Boxed out here: the spawned block would otherwise hold the whole turn inline.
-    let prepared = Box::new(prepared);
-    tokio::spawn(async move { service.run_stream(prepared, tx, task_cancel).await });
+    state.interact.spawn_stream(prepared, tx, cancel.clone());
     let request_id = crate::http::request_id::current();
     // Dropping the response body (the client went away) drops the guard, which cancels the
     // generation and with it the upstream request.

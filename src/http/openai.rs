@@ -615,11 +615,7 @@ fn sse_headers(mut r: Response) -> Response {
 fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(super::interact::STREAM_BUFFER);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let service = state.interact.clone();
-    let task_cancel = cancel.clone();
-    // Boxed out here: the spawned block would otherwise hold the whole turn inline.
-    let prepared = Box::new(prepared);
-    tokio::spawn(async move { service.run_stream(prepared, tx, task_cancel).await });
+    state.interact.spawn_stream(prepared, tx, cancel.clone());
     let guard = cancel.drop_guard();
     let id = completion_id();
     let created = now_secs();

@@ -315,10 +315,7 @@ async fn handle_text(
             let cancel = CancellationToken::new();
             running.lock().await.insert(gen_id.clone(), cancel.clone());
             let (tx, mut rx) = mpsc::channel::<GenEvent>(crate::http::interact::STREAM_BUFFER);
-            let service = state.interact.clone();
-            // Boxed out here: the spawned block would otherwise hold the whole turn inline.
-            let prepared = Box::new(prepared);
-            tokio::spawn(async move { service.run_stream(prepared, tx, cancel).await });
+            state.interact.spawn_stream(prepared, tx, cancel);
             let out = out.clone();
             let running = running.clone();
             let rid = request_id.to_string();
