@@ -1181,7 +1181,7 @@ impl InteractService {
     /// client slows the upstream read instead of growing a buffer). When the receiver goes away
     /// or `cancel` fires, the upstream stream is dropped at once (which aborts the upstream
     /// request) and the partial reply is stored with `finishReason: "cancelled"`.
-    pub fn spawn_stream(
+    pub async fn start_stream(
         &self,
         p: Prepared,
         tx: tokio::sync::mpsc::Sender<GenEvent>,
@@ -1192,9 +1192,13 @@ impl InteractService {
         let p = Box::new(p);
         let service = self.clone();
         tokio::spawn(async move { service.run_stream(p, tx, cancel).await });
+        // The caller goes on to write the response head, which no client waits for; yielding
+        // lets the new task send the upstream request first (~0.1 ms sooner to the first
+        // delta on an idle server, docs/BENCHMARKS.md #9).
+        tokio::task::yield_now().await;
     }
 
-    /// The generation task of [`InteractService::spawn_stream`].
+    /// The generation task of [`InteractService::start_stream`].
     async fn run_stream(
         &self,
         mut p: Box<Prepared>,
@@ -1224,14 +1228,10 @@ impl InteractService {
         let started = tokio::time::Instant::now();
         // The user message commits while the upstream opens and produces its first event; that
         // event is held until the commit is done, so nothing reaches the client before it.
-        let (saved, opened) = tokio::join!(
-            async {
-                if p.pending.is_empty() {
-                    Ok(None)
-                } else {
-                    Box::pin(self.save_pending(&p)).await.map(Some)
-                }
-            },
+        // The upstream is polled first: its request is on its way before the commit, which
+        // may run inline on this thread and hold the task until it is done.
+        let (opened, saved) = tokio::join!(
+            biased;
             async {
                 let mut upstream = Box::pin(p.upstream.stream(&p.request)).await?;
                 let first = tokio::select! {
@@ -1241,6 +1241,13 @@ impl InteractService {
                     next = upstream.next() => Some(next),
                 };
                 Ok::<_, crate::upstream::UpstreamError>((upstream, first))
+            },
+            async {
+                if p.pending.is_empty() {
+                    Ok(None)
+                } else {
+                    Box::pin(self.save_pending(&p)).await.map(Some)
+                }
             }
         );
         if let Err(e) = saved {

@@ -123,7 +123,7 @@ pub async fn interact(
     };
     let prepared = service.prepare_turn(&user, &input).await?;
     if sse {
-        return Ok(sse_response(state.clone(), prepared));
+        return Ok(sse_response(state.clone(), prepared).await);
     }
     let response = service.run(prepared).await?;
     if let Some((key, hash, _guard)) = idempotency {
@@ -173,7 +173,7 @@ pub async fn regenerate(
         return Ok(Json(state.interact.dry_run_json(&prepared)).into_response());
     }
     if wants_sse(&headers, &params) {
-        return Ok(sse_response(state.clone(), prepared));
+        return Ok(sse_response(state.clone(), prepared).await);
     }
     Ok(Json(state.interact.run(prepared).await?).into_response())
 }
@@ -184,10 +184,13 @@ struct DeltaData<'a> {
     delta: &'a str,
 }
 
-fn sse_response(state: AppState, prepared: Prepared) -> Response {
+async fn sse_response(state: AppState, prepared: Prepared) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(STREAM_BUFFER);
     let cancel = tokio_util::sync::CancellationToken::new();
-    state.interact.spawn_stream(prepared, tx, cancel.clone());
+    state
+        .interact
+        .start_stream(prepared, tx, cancel.clone())
+        .await;
     let request_id = crate::http::request_id::current();
     // Dropping the response body (the client went away) drops the guard, which cancels the
     // generation and with it the upstream request.

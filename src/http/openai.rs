@@ -501,7 +501,7 @@ async fn character_chat(
     let prepared = state.interact.prepare_turn(user, &input).await?;
     let cid = prepared.conversation.id.clone();
     let mut response = if req.stream {
-        stream_response(state, prepared, model)
+        stream_response(state, prepared, model).await
     } else {
         // Only the reply's text, finish reason and usage go out: the spec's interaction
         // response (its context and lorebook state) is never built here.
@@ -612,10 +612,13 @@ fn sse_headers(mut r: Response) -> Response {
 
 /// Streams a character reply as `chat.completion.chunk` events; an error mid-stream is sent as
 /// an `{"error":…}` event and the stream still ends with `data: [DONE]`.
-fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Response {
+async fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(super::interact::STREAM_BUFFER);
     let cancel = tokio_util::sync::CancellationToken::new();
-    state.interact.spawn_stream(prepared, tx, cancel.clone());
+    state
+        .interact
+        .start_stream(prepared, tx, cancel.clone())
+        .await;
     let guard = cancel.drop_guard();
     let id = completion_id();
     let created = now_secs();

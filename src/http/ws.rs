@@ -315,7 +315,7 @@ async fn handle_text(
             let cancel = CancellationToken::new();
             running.lock().await.insert(gen_id.clone(), cancel.clone());
             let (tx, mut rx) = mpsc::channel::<GenEvent>(crate::http::interact::STREAM_BUFFER);
-            state.interact.spawn_stream(prepared, tx, cancel);
+            state.interact.start_stream(prepared, tx, cancel).await;
             let out = out.clone();
             let running = running.clone();
             let rid = request_id.to_string();
