@@ -666,6 +666,51 @@ async fn sse_streams_chunks_then_done_and_stores_the_reply() {
     );
 }
 
+/// A streamed turn's user message is stored before any of the reply reaches the client: read
+/// as soon as the first delta arrives, while the reply still streams, the conversation holds it.
+#[tokio::test]
+async fn a_streamed_turns_user_message_is_stored_before_its_first_delta() {
+    let fake = FakeUpstream::start().await;
+    fake.set_chunks(6);
+    let s = start(&fake, "").await;
+    let t = token("ann");
+    let c = s.create_character(&t, json!({"name": "Early"})).await;
+    let id = c["id"].as_str().unwrap();
+    let (status, first) = interact(&s, &t, id, json!({"message": "first turn"})).await;
+    assert_eq!(status, 200, "{first}");
+    let cid = first["conversationId"].as_str().unwrap();
+    for turn in 0..3 {
+        let message = format!("[[fault:drip:50]] turn {turn}");
+        let mut r = s
+            .client
+            .post(s.url(&format!("/api/characters/{id}/interact")))
+            .bearer_auth(&t)
+            .header("accept", "text/event-stream")
+            .json(&json!({"message": message, "conversationId": cid}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut seen = String::new();
+        while !seen.contains("event: chunk") {
+            let bytes = r.chunk().await.unwrap().expect("a chunk before the end");
+            seen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        let conv = conversation(&s, &t, cid).await;
+        let messages = conv["messages"].as_array().unwrap();
+        let last = messages.last().unwrap();
+        // The reply is still streaming (not stored yet), and the user message already is.
+        assert_eq!(last["content"], message.as_str(), "turn {turn}: {conv}");
+        assert_eq!(last["role"], "user", "turn {turn}: {conv}");
+        assert_eq!(messages.len(), 3 + 2 * turn, "turn {turn}: {conv}");
+        let rest = r.text().await.unwrap();
+        assert!(rest.contains("event: done"), "turn {turn}: {seen}{rest}");
+    }
+    let conv = conversation(&s, &t, cid).await;
+    let last = conv["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["content"], "echo: turn 2");
+}
+
 #[tokio::test]
 async fn sse_stream_cut_sends_an_error_and_keeps_the_partial_reply() {
     let fake = FakeUpstream::start().await;
