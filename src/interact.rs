@@ -119,6 +119,9 @@ impl Prepared {
     }
 }
 
+/// Deltas buffered per stream before the upstream read waits for the client.
+pub const STREAM_BUFFER: usize = 64;
+
 /// How a generation ended, for storage.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -1177,25 +1180,31 @@ pub enum GenEvent {
 }
 
 impl InteractService {
-    /// Streams a prepared generation into `tx` on a task of its own (a bounded channel, so a slow
-    /// client slows the upstream read instead of growing a buffer). When the receiver goes away
-    /// or `cancel` fires, the upstream stream is dropped at once (which aborts the upstream
-    /// request) and the partial reply is stored with `finishReason: "cancelled"`.
+    /// Streams a prepared generation on a task of its own; its events arrive on the returned
+    /// receiver (a bounded channel, so a slow client slows the upstream read instead of growing
+    /// a buffer). When the receiver goes away or the returned token is cancelled, the upstream
+    /// stream is dropped at once (which aborts the upstream request) and the partial reply is
+    /// stored with `finishReason: "cancelled"`.
     pub async fn start_stream(
         &self,
         p: Prepared,
-        tx: tokio::sync::mpsc::Sender<GenEvent>,
-        cancel: tokio_util::sync::CancellationToken,
+    ) -> (
+        tokio::sync::mpsc::Receiver<GenEvent>,
+        tokio_util::sync::CancellationToken,
     ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let cancel = tokio_util::sync::CancellationToken::new();
         // Boxed before the spawn: the task lives as long as the stream, and both the spawned
         // block and the async fn would otherwise hold the whole turn inline.
         let p = Box::new(p);
         let service = self.clone();
-        tokio::spawn(async move { service.run_stream(p, tx, cancel).await });
+        let task_cancel = cancel.clone();
+        tokio::spawn(async move { service.run_stream(p, tx, task_cancel).await });
         // The caller goes on to write the response head, which no client waits for; yielding
         // lets the new task send the upstream request first (~0.1 ms sooner to the first
         // delta on an idle server, docs/BENCHMARKS.md #9).
         tokio::task::yield_now().await;
+        (rx, cancel)
     }
 
     /// The generation task of [`InteractService::start_stream`].

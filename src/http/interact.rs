@@ -20,9 +20,6 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::time::Duration;
 
-/// Deltas buffered per stream before the upstream read waits for the client.
-pub const STREAM_BUFFER: usize = 64;
-
 /// The spec's CharacterInteractionRequest.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(as = CharacterInteractionRequest)]
@@ -185,12 +182,7 @@ struct DeltaData<'a> {
 }
 
 async fn sse_response(state: AppState, prepared: Prepared) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(STREAM_BUFFER);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    state
-        .interact
-        .start_stream(prepared, tx, cancel.clone())
-        .await;
+    let (rx, cancel) = state.interact.start_stream(prepared).await;
     let request_id = crate::http::request_id::current();
     // Dropping the response body (the client went away) drops the guard, which cancels the
     // generation and with it the upstream request.

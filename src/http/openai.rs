@@ -613,12 +613,7 @@ fn sse_headers(mut r: Response) -> Response {
 /// Streams a character reply as `chat.completion.chunk` events; an error mid-stream is sent as
 /// an `{"error":…}` event and the stream still ends with `data: [DONE]`.
 async fn stream_response(state: &AppState, prepared: Prepared, model: String) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<GenEvent>(super::interact::STREAM_BUFFER);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    state
-        .interact
-        .start_stream(prepared, tx, cancel.clone())
-        .await;
+    let (rx, cancel) = state.interact.start_stream(prepared).await;
     let guard = cancel.drop_guard();
     let id = completion_id();
     let created = now_secs();

@@ -312,10 +312,8 @@ async fn handle_text(
                     return;
                 }
             };
-            let cancel = CancellationToken::new();
-            running.lock().await.insert(gen_id.clone(), cancel.clone());
-            let (tx, mut rx) = mpsc::channel::<GenEvent>(crate::http::interact::STREAM_BUFFER);
-            state.interact.start_stream(prepared, tx, cancel).await;
+            let (mut rx, cancel) = state.interact.start_stream(prepared).await;
+            running.lock().await.insert(gen_id.clone(), cancel);
             let out = out.clone();
             let running = running.clone();
             let rid = request_id.to_string();
