@@ -50,6 +50,10 @@ done
 KEEP_OUT=1
 if [[ $# -ge 1 ]]; then OUT=$1; mkdir -p "$OUT"; else OUT=$(mktemp -d); KEEP_OUT=0; fi
 OUT=$(cd "$OUT" && pwd)
+# Absolute, so machine.txt names the card unambiguously (the report labels the target by it).
+if [[ -n ${CHAR_CARD:-} ]]; then
+  CHAR_CARD=$(realpath -e "$CHAR_CARD") || { echo "CHAR_CARD: no such file" >&2; exit 1; }
+fi
 WORK=$(mktemp -d)   # Taproom's data dirs and config, the logs; removed at exit
 declare -A STARTED  # pid -> name, every process started here (LiteLLM: its process group)
 cleanup() {
