@@ -62,6 +62,15 @@ impl UpstreamError {
         }
     }
 
+    /// A response body the protocol could not parse.
+    pub(crate) fn malformed(upstream: &str, what: impl std::fmt::Display) -> Self {
+        Self::new(
+            UpstreamErrorKind::Malformed,
+            upstream,
+            format!("upstream sent an unparseable body: {what}"),
+        )
+    }
+
     /// Builds the error for an upstream HTTP status, keeping the upstream's body for `details`.
     pub(crate) fn from_status(upstream: &str, status: u16, body: &[u8]) -> Self {
         let kind = match status {

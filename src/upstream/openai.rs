@@ -102,25 +102,18 @@ struct Message {
     content: Option<String>,
 }
 
-fn malformed(upstream: &str, what: impl std::fmt::Display) -> UpstreamError {
-    UpstreamError::new(
-        UpstreamErrorKind::Malformed,
-        upstream,
-        format!("upstream sent an unparseable body: {what}"),
-    )
-}
-
 /// Parses a non-streaming completion.
 pub(crate) fn parse_response(
     upstream: &str,
     bytes: &[u8],
 ) -> Result<GenerateResult, UpstreamError> {
-    let c: Completion = serde_json::from_slice(bytes).map_err(|e| malformed(upstream, e))?;
+    let c: Completion =
+        serde_json::from_slice(bytes).map_err(|e| UpstreamError::malformed(upstream, e))?;
     let choice = c
         .choices
         .into_iter()
         .next()
-        .ok_or_else(|| malformed(upstream, "no choices"))?;
+        .ok_or_else(|| UpstreamError::malformed(upstream, "no choices"))?;
     Ok(GenerateResult {
         content: choice.message.and_then(|m| m.content).unwrap_or_default(),
         model: c.model,

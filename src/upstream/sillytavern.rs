@@ -147,14 +147,6 @@ impl From<StGenerateResponse> for GenerateResult {
     }
 }
 
-fn malformed(upstream: &str, what: impl std::fmt::Display) -> UpstreamError {
-    UpstreamError::new(
-        UpstreamErrorKind::Malformed,
-        upstream,
-        format!("upstream sent an unparseable body: {what}"),
-    )
-}
-
 /// Parses `STGenerateResponse`.
 pub(crate) fn parse_response(
     upstream: &str,
@@ -162,7 +154,7 @@ pub(crate) fn parse_response(
 ) -> Result<GenerateResult, UpstreamError> {
     serde_json::from_slice::<StGenerateResponse>(bytes)
         .map(GenerateResult::from)
-        .map_err(|e| malformed(upstream, e))
+        .map_err(|e| UpstreamError::malformed(upstream, e))
 }
 
 /// Where and how to open the streaming WebSocket.
@@ -363,7 +355,7 @@ impl WsReader {
                 let resp = p.get("response").cloned().unwrap_or(Value::Null);
                 let mut result: GenerateResult = serde_json::from_value::<StGenerateResponse>(resp)
                     .map(GenerateResult::from)
-                    .map_err(|e| malformed(&self.upstream, e))?;
+                    .map_err(|e| UpstreamError::malformed(&self.upstream, e))?;
                 if result.generation_time_ms == 0 {
                     result.generation_time_ms = self.started.elapsed().as_millis() as u64;
                 }
