@@ -120,7 +120,7 @@ impl Prepared {
 }
 
 /// Deltas buffered per stream before the upstream read waits for the client.
-pub const STREAM_BUFFER: usize = 64;
+const STREAM_BUFFER: usize = 64;
 
 /// How a generation ended, for storage.
 #[derive(Debug, Clone)]
