@@ -758,6 +758,111 @@ async fn passthrough_returns_the_raw_response_and_retries_before_bytes() {
     assert_eq!(err.map(|e| e.spec_code()), Some("ST_API_AUTH_FAILED"));
 }
 
+/// Reads a passthrough body to its end.
+async fn read_body(body: taproom::upstream::UpstreamBody) -> String {
+    use http_body_util::BodyExt;
+    let bytes = body.collect().await.unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&bytes.to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn plain_http_connections_are_reused_and_replaced_when_the_upstream_closes_them() {
+    let fake = FakeUpstream::start().await;
+    let (ups, up) = build(config(UpstreamKind::Openai, fake.openai_url()));
+    for i in 0..3 {
+        let r = up.generate(&request(&format!("turn {i}"))).await;
+        assert_eq!(r.map(|r| r.content).ok(), Some(format!("echo: turn {i}")));
+    }
+    let (_, _, err) = collect(up.stream(&request("streamed")).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "raw"}]});
+    for stream in [false, true] {
+        let resp = up
+            .passthrough("chat/completions", body.to_string().into(), stream)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(read_body(resp.body).await.contains("echo: raw"));
+    }
+    assert_eq!(fake.request_count(), 6);
+    assert_eq!(fake.connections_accepted(), 1, "one keep-alive connection");
+
+    // An idle connection the upstream closed (a keep-alive timeout) is noticed and replaced,
+    // not handed a request that would fail.
+    fake.close_connections();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = up.generate(&request("after the close")).await;
+    assert_eq!(
+        r.map(|r| r.content).ok(),
+        Some("echo: after the close".into())
+    );
+    assert_eq!(fake.connections_accepted(), 2);
+    assert_eq!(fake.request_count(), 7, "no request was lost or retried");
+    assert_eq!(ups.status()[0].failures_in_window, 0);
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_a_connection_and_leave_it_for_the_next() {
+    let fake = FakeUpstream::start().await;
+    fake.set_latency(Latency::Fixed(30));
+    let (_u, up) = build(config(UpstreamKind::Openai, fake.openai_url()));
+    let turns = (0..8).map(|i| {
+        let up = Arc::clone(&up);
+        async move {
+            up.generate(&request(&format!("c{i}")))
+                .await
+                .map(|r| r.content)
+        }
+    });
+    let texts = futures_util::future::join_all(turns).await;
+    for (i, t) in texts.into_iter().enumerate() {
+        assert_eq!(t.ok(), Some(format!("echo: c{i}")));
+    }
+    assert_eq!(
+        fake.connections_accepted(),
+        8,
+        "overlapping requests do not share one"
+    );
+    for i in 0..8 {
+        let r = up.generate(&request(&format!("s{i}"))).await;
+        assert_eq!(r.map(|r| r.content).ok(), Some(format!("echo: s{i}")));
+    }
+    assert_eq!(fake.connections_accepted(), 8, "the idle ones were reused");
+}
+
+#[tokio::test]
+async fn a_passthrough_body_dropped_unread_closes_its_connection() {
+    use http_body_util::BodyExt;
+    let fake = FakeUpstream::start().await;
+    fake.set_chunks(40);
+    fake.set_drip(20);
+    let (_u, up) = build(config(UpstreamKind::Openai, fake.openai_url()));
+    let body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "long"}], "stream": true});
+    let mut resp = up
+        .passthrough("chat/completions", body.to_string().into(), true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = resp.body.frame().await;
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    let dropped_at = Instant::now();
+    drop(resp);
+    let mut closed = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        closed = fake.requests()[0].closed_early_at;
+        if closed.is_some() {
+            break;
+        }
+    }
+    let closed = closed.unwrap_or_else(|| panic!("the upstream never saw the hang-up"));
+    assert!(closed.saturating_duration_since(dropped_at) < Duration::from_millis(100));
+    // The half-read connection is not reused: the next request opens a new one.
+    fake.set_drip(0);
+    let r = up.generate(&request("next")).await;
+    assert_eq!(r.map(|r| r.content).ok(), Some("echo: next".into()));
+    assert_eq!(fake.connections_accepted(), 2);
+}
+
 #[tokio::test]
 async fn registry_picks_named_and_default_upstreams() {
     let fake = FakeUpstream::start().await;

@@ -75,7 +75,7 @@ impl FastPath {
             user = tracing::field::Empty,
         );
         let answer = async {
-            let guarded = AssertUnwindSafe(self.respond(req, peer)).catch_unwind();
+            let guarded = AssertUnwindSafe(Box::pin(self.respond(req, peer))).catch_unwind();
             // Bare statuses (413, 504) get their envelope from `normalize`, as on the router.
             request_id::normalize(match tokio::time::timeout(self.timeout, guarded).await {
                 Ok(Ok(response)) => response,

@@ -7,6 +7,8 @@
 //! - `breaker`: per-upstream circuit breaker and retry budget over one rolling window.
 //! - `retry`: backoff with full jitter, `Retry-After` parsing, retryable-error rules.
 //! - `transport`: the pooled hyper client (HTTP/1.1 + h2, rustls with system roots + a CA file).
+//! - `http1_pool`: keep-alive HTTP/1.1 connections to a plain `http://` upstream, moved by the
+//!   request using them instead of a task per connection (TLS upstreams use `transport`).
 //! - `openai`, `sillytavern`: the two wire protocols.
 //!
 //! # Lifecycle of a call
@@ -25,6 +27,7 @@ pub mod config;
 pub mod error;
 
 mod breaker;
+mod http1_pool;
 mod openai;
 mod retry;
 mod sillytavern;
@@ -47,6 +50,7 @@ pub use breaker::BreakerState;
 use breaker::{Breaker, Outcome, Permit};
 pub use config::{UpstreamConfig, UpstreamKind, UpstreamsConfig};
 pub use error::{UpstreamError, UpstreamErrorKind};
+pub use http1_pool::UpstreamBody;
 use retry::RetryPolicy;
 
 /// One chat message in OpenAI shape.
@@ -174,7 +178,7 @@ pub struct PassthroughResponse {
     /// Upstream headers, hop-by-hop ones included; the caller filters.
     pub headers: HeaderMap,
     /// Upstream body, streamed; dropping it aborts the upstream request.
-    pub body: hyper::body::Incoming,
+    pub body: UpstreamBody,
 }
 
 /// One upstream's state for `GET /api/admin/upstreams`.
@@ -282,6 +286,8 @@ pub struct Upstream {
     model: String,
     timeout: Duration,
     client: transport::HttpClient,
+    /// Connections driven by their requests, for a plain `http://` upstream.
+    direct: Option<Arc<http1_pool::Http1Pool>>,
     /// Pre-built so the key is turned into a header once and marked sensitive.
     auth: Option<HeaderValue>,
     completions_uri: Uri,
@@ -338,6 +344,7 @@ impl Upstream {
             model: cfg.model.clone(),
             timeout: cfg.timeout(),
             client,
+            direct: http1_pool::Http1Pool::for_upstream(cfg),
             auth,
             completions_uri,
             ws,
@@ -588,15 +595,23 @@ impl Upstream {
         &self,
         uri: Uri,
         body: Bytes,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        transport::post_json(&self.client, &self.name, uri, self.auth.as_ref(), body).await
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        transport::post_json(
+            &self.client,
+            self.direct.as_ref(),
+            &self.name,
+            uri,
+            self.auth.as_ref(),
+            body,
+        )
+        .await
     }
 
     /// Turns a non-2xx response into an error (reading a bounded body for `details`).
     async fn check_status(
         &self,
-        resp: http::Response<hyper::body::Incoming>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        resp: http::Response<UpstreamBody>,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -605,8 +620,8 @@ impl Upstream {
 
     async fn check_status_passthrough(
         &self,
-        resp: http::Response<hyper::body::Incoming>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        resp: http::Response<UpstreamBody>,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let s = resp.status().as_u16();
         if s < 400 || (s < 500 && !matches!(s, 401 | 403 | 429)) {
             return Ok(resp);
@@ -617,7 +632,7 @@ impl Upstream {
     /// Boxed: the error path is rare, and inline it would grow every attempt's future.
     fn status_error(
         &self,
-        resp: http::Response<hyper::body::Incoming>,
+        resp: http::Response<UpstreamBody>,
     ) -> futures_util::future::BoxFuture<'_, UpstreamError> {
         Box::pin(async move {
             let status = resp.status().as_u16();
@@ -635,7 +650,7 @@ impl Upstream {
 
     async fn read_ok_body(
         &self,
-        resp: http::Response<hyper::body::Incoming>,
+        resp: http::Response<UpstreamBody>,
     ) -> Result<Bytes, UpstreamError> {
         let resp = self.check_status(resp).await?;
         transport::read_limited(resp.into_body(), 16 * 1024 * 1024)

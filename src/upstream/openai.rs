@@ -154,14 +154,14 @@ pub(crate) struct SseState {
 
 /// Reads SSE frames from a streaming completion and assembles the final result as it goes.
 pub(crate) struct SseReader {
-    body: hyper::body::Incoming,
+    body: super::UpstreamBody,
     buf: BytesMut,
     state: SseState,
     started: Instant,
 }
 
 impl SseReader {
-    pub(crate) fn new(upstream: &str, body: hyper::body::Incoming, started: Instant) -> Self {
+    pub(crate) fn new(upstream: &str, body: super::UpstreamBody, started: Instant) -> Self {
         Self {
             body,
             buf: BytesMut::new(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Uri};
+use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -16,6 +16,7 @@ use rustls::pki_types::CertificateDer;
 
 use super::config::{UpstreamConfig, UpstreamsConfig};
 use super::error::{UpstreamError, UpstreamErrorKind};
+use super::http1_pool::{Http1Pool, SendError, UpstreamBody};
 
 /// The client type every upstream uses.
 pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -101,44 +102,57 @@ pub(crate) fn build_client(
         .build(https))
 }
 
-/// POSTs a JSON body; connection-level failures become `Connect` or `Reset` errors.
+/// POSTs a JSON body, on `direct`'s connections when it serves `uri`, else on the pooled
+/// client; connection-level failures become `Connect` or `Reset` errors.
 pub(crate) async fn post_json(
     client: &HttpClient,
+    direct: Option<&Arc<Http1Pool>>,
     upstream: &str,
     uri: Uri,
     auth: Option<&HeaderValue>,
     body: Bytes,
-) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-    let mut builder = Request::post(uri)
-        .header(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )
-        .header(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
+) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    // Filled in place: `Request::builder` moves the whole request head at every step.
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri;
+    let headers = req.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
     if let Some(a) = auth {
-        builder = builder.header(header::AUTHORIZATION, a.clone());
+        headers.insert(header::AUTHORIZATION, a.clone());
     }
-    let req = builder
-        .body(Full::new(body))
-        .map_err(|e| UpstreamError::new(UpstreamErrorKind::Rejected, upstream, e.to_string()))?;
-    client.request(req).await.map_err(|e| {
-        let kind = if e.is_connect() {
-            UpstreamErrorKind::Connect
-        } else {
-            UpstreamErrorKind::Reset
-        };
-        UpstreamError::new(kind, upstream, error_chain(&e))
-    })
+    if let Some(pool) = direct.filter(|p| p.serves(req.uri())) {
+        return pool.send(req).await.map_err(|e| match e {
+            SendError::Connect(msg) => {
+                UpstreamError::new(UpstreamErrorKind::Connect, upstream, msg)
+            }
+            SendError::Reset(e) => {
+                UpstreamError::new(UpstreamErrorKind::Reset, upstream, error_chain(&e))
+            }
+        });
+    }
+    match client.request(req).await {
+        Ok(resp) => Ok(resp.map(UpstreamBody::pooled)),
+        Err(e) => {
+            let kind = if e.is_connect() {
+                UpstreamErrorKind::Connect
+            } else {
+                UpstreamErrorKind::Reset
+            };
+            Err(UpstreamError::new(kind, upstream, error_chain(&e)))
+        }
+    }
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.
-pub(crate) async fn read_limited(
-    body: hyper::body::Incoming,
-    limit: usize,
-) -> Result<Bytes, String> {
+pub(crate) async fn read_limited(body: UpstreamBody, limit: usize) -> Result<Bytes, String> {
     Limited::new(body, limit)
         .collect()
         .await

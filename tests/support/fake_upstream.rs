@@ -148,6 +148,10 @@ struct State {
     drip_ms: u64,
     api_key: Option<String>,
     heartbeats: usize,
+    /// TCP connections accepted.
+    accepted: usize,
+    /// The tasks serving open connections, to close them on demand.
+    connections: Vec<tokio::task::AbortHandle>,
 }
 
 struct Shared {
@@ -242,6 +246,8 @@ impl FakeUpstream {
                 drip_ms: 0,
                 api_key: None,
                 heartbeats: 0,
+                accepted: 0,
+                connections: Vec::new(),
             }),
         });
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -255,7 +261,7 @@ impl FakeUpstream {
                 let _ = tcp.set_nodelay(true);
                 let shared = Arc::clone(&srv);
                 let tls = tls.clone();
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
@@ -265,6 +271,10 @@ impl FakeUpstream {
                         None => serve_conn(shared, tcp).await,
                     }
                 });
+                let mut s = srv.lock();
+                s.accepted += 1;
+                s.connections.retain(|c| !c.is_finished());
+                s.connections.push(conn.abort_handle());
             }
         });
         Ok(FakeUpstream {
@@ -307,6 +317,18 @@ impl FakeUpstream {
     /// WebSocket heartbeats received from clients.
     pub fn heartbeats_received(&self) -> usize {
         self.shared.lock().heartbeats
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections_accepted(&self) -> usize {
+        self.shared.lock().accepted
+    }
+
+    /// Closes every open connection, as a server's keep-alive timeout closes idle ones.
+    pub fn close_connections(&self) {
+        for conn in self.shared.lock().connections.drain(..) {
+            conn.abort();
+        }
     }
 
     /// Forgets recorded requests.
