@@ -664,6 +664,18 @@ async fn opening_a_stream_is_retried_before_the_first_delta() {
     assert_eq!(fake.request_count(), 2);
 }
 
+/// When the fake upstream saw the client hang up on its first request (polled for 500 ms).
+async fn hang_up_seen(fake: &FakeUpstream) -> Option<Instant> {
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let closed = fake.requests()[0].closed_early_at;
+        if closed.is_some() {
+            return closed;
+        }
+    }
+    None
+}
+
 async fn assert_drop_aborts(kind: UpstreamKind) {
     let fake = FakeUpstream::start().await;
     fake.set_chunks(40);
@@ -683,15 +695,9 @@ async fn assert_drop_aborts(kind: UpstreamKind) {
     ));
     let dropped_at = Instant::now();
     drop(stream);
-    let mut closed = None;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        closed = fake.requests()[0].closed_early_at;
-        if closed.is_some() {
-            break;
-        }
-    }
-    let closed = closed.unwrap_or_else(|| panic!("{kind:?}: upstream never saw the cancel"));
+    let closed = hang_up_seen(&fake)
+        .await
+        .unwrap_or_else(|| panic!("{kind:?}: upstream never saw the cancel"));
     let lag = closed.saturating_duration_since(dropped_at);
     assert!(
         lag < Duration::from_millis(100),
@@ -846,15 +852,9 @@ async fn a_passthrough_body_dropped_unread_closes_its_connection() {
     assert!(matches!(first, Some(Ok(_))), "{first:?}");
     let dropped_at = Instant::now();
     drop(resp);
-    let mut closed = None;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        closed = fake.requests()[0].closed_early_at;
-        if closed.is_some() {
-            break;
-        }
-    }
-    let closed = closed.unwrap_or_else(|| panic!("the upstream never saw the hang-up"));
+    let closed = hang_up_seen(&fake)
+        .await
+        .unwrap_or_else(|| panic!("the upstream never saw the hang-up"));
     assert!(closed.saturating_duration_since(dropped_at) < Duration::from_millis(100));
     // The half-read connection is not reused: the next request opens a new one.
     fake.set_drip(0);
