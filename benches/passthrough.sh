@@ -19,7 +19,8 @@
 # Knobs: ROUNDS=3 LAT_SECS=10 (sequential, fixed rate) CLOSED_SECS=5 (c=32) RATE=50 CONC=32
 #        N_STREAMS=1000 CHUNKS=100 CHUNK_DELAY_MS=20 STREAM_SECS=15 STREAM_ROUNDS=2
 #        CASES="overhead streams" (either or both)
-#        TARGETS="direct char interact" (targets of both cases; default all, LiteLLM when installed)
+#        TARGETS="taproom char" (targets of both cases; default all, LiteLLM when installed;
+#        direct and floor, the baselines, are always measured)
 #        CHAR_CARD=path: the char and interact targets talk to this imported card (PNG, JSON or
 #        CharX; e.g. ../shared/fixtures/sillytavern/default_Seraphina.png) instead of "Bench"
 #        QUIET_CORES=0.25 QUIET_WAIT=180 ATTEMPTS=3: the machine is shared; before each case wait
@@ -183,6 +184,11 @@ resume_litellm() { [[ -z $LL_PID ]] || kill -CONT -- "-$LL_PID"; }
 
 if [[ -n ${TARGETS:-} ]]; then
   read -ra TARGETS <<<"$TARGETS"
+  # direct and the floor are the baselines every added latency and ratio in the report is
+  # taken against; a run without them could not be reported.
+  for base in floor direct; do
+    [[ " ${TARGETS[*]} " == *" $base "* ]] || TARGETS=("$base" "${TARGETS[@]}")
+  done
 else
   TARGETS=(direct floor taproom taproom_id char interact)
   [[ -n $LL_PID ]] && TARGETS+=(litellm)
