@@ -75,14 +75,6 @@ pub(crate) struct Http1Pool {
     builder: http1::Builder,
 }
 
-impl std::fmt::Debug for Http1Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Http1Pool")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Http1Pool {
     /// A pool for `cfg`'s upstream, or `None` when it is not a plain `http://` URL (TLS and
     /// anything unusual stay on the pooled client).
@@ -149,8 +141,7 @@ impl Http1Pool {
         let pool = Arc::clone(self);
         Ok(head.map(|body| UpstreamBody {
             body,
-            conn: Some(conn),
-            pool: Some(pool),
+            lease: Some(Lease { conn, pool }),
             finished: false,
         }))
     }
@@ -241,9 +232,15 @@ impl Http1Pool {
 /// dropping it earlier closes the connection, which is how the upstream learns of a cancel.
 pub struct UpstreamBody {
     body: Incoming,
-    conn: Option<Box<Conn>>,
-    pool: Option<Arc<Http1Pool>>,
+    /// The connection and where it goes back; `None` on the pooled client.
+    lease: Option<Lease>,
     finished: bool,
+}
+
+/// A connection out of its pool for one exchange.
+struct Lease {
+    conn: Box<Conn>,
+    pool: Arc<Http1Pool>,
 }
 
 impl UpstreamBody {
@@ -251,8 +248,7 @@ impl UpstreamBody {
     pub(crate) fn pooled(body: Incoming) -> Self {
         Self {
             body,
-            conn: None,
-            pool: None,
+            lease: None,
             finished: false,
         }
     }
@@ -261,7 +257,7 @@ impl UpstreamBody {
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("pooled", &self.pool.is_none())
+            .field("pooled", &self.lease.is_none())
             .field("finished", &self.finished)
             .finish_non_exhaustive()
     }
@@ -276,8 +272,8 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(conn) = this.conn.as_mut() {
-            conn.drive(cx);
+        if let Some(lease) = this.lease.as_mut() {
+            lease.conn.drive(cx);
         }
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(None) = frame {
@@ -300,7 +296,7 @@ impl Drop for UpstreamBody {
         if !(self.finished || self.body.is_end_stream()) {
             return;
         }
-        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.as_ref()) {
+        if let Some(Lease { conn, pool }) = self.lease.take() {
             pool.checkin(conn);
         }
     }
